@@ -1,0 +1,464 @@
+"""The one configuration object of a pipeline run: `RFTConfig` and its sections.
+
+Every section owns its defaults and documents each field. A config loads from YAML
+(`RFTConfig.from_yaml`), takes `section.key=value` overrides (`apply_overrides`), and
+rejects unknown keys with an error that names the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says which key and why."""
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ColumnsConfig(Section):
+    """Column names for CSV and Parquet files (other formats have fixed field names)."""
+
+    id: str | None = Field(None, description="Column with a unique item id; None numbers the rows.")
+    prompt: str = Field("prompt", description="Column with the task text shown to the model.")
+    reference: str = Field("reference", description="Column with the reference (final) answer.")
+    solution: str | None = Field(
+        "solution", description="Column with a worked solution (optional; used by warm-up SFT)."
+    )
+
+
+class SyntheticConfig(Section):
+    """The built-in task: multi-step arithmetic word problems with worked solutions."""
+
+    n_train: int = Field(2000, ge=1, description="Items in the training file.")
+    n_val: int = Field(300, ge=1, description="Items in the validation file (disjoint from train).")
+    min_steps: int = Field(2, ge=1, description="Fewest arithmetic steps in a problem.")
+    max_steps: int = Field(4, ge=1, description="Most arithmetic steps in a problem.")
+    max_operand: int = Field(20, ge=2, description="Largest operand drawn for a step.")
+    max_value: int = Field(
+        200, ge=4, description="Largest value any quantity may take (every result is an integer in 1..this)."
+    )
+    distractor_fraction: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Share of problems with one unrelated fact (so the model must look up the right name).",
+    )
+    solution_fraction: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of training items that carry a worked solution."
+    )
+    slip_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of worked solutions that contain one arithmetic slip (imperfect "
+        "demonstrations, as human or weaker-model annotations have); the reference stays right.",
+    )
+    seed: int = Field(0, description="Seed of the generator.")
+
+    @model_validator(mode="after")
+    def _steps_in_order(self) -> SyntheticConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) is larger than max_steps ({self.max_steps})")
+        return self
+
+
+class DataConfig(Section):
+    """Where the task items come from and how they are split into train and validation."""
+
+    train_path: str | None = Field(
+        None, description="Training data file; None generates the built-in synthetic task."
+    )
+    val_path: str | None = Field(
+        None, description="Validation file; None carves the validation set out of train_path."
+    )
+    format: Literal["auto", "openai", "gsm8k", "reft", "csv", "parquet"] = Field(
+        "auto", description="File format; auto detects it from the extension and the fields."
+    )
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="Share of items held out for validation."
+    )
+    val_size: int | None = Field(
+        None, ge=1, description="Number of items held out for validation (overrides val_fraction)."
+    )
+    seed: int = Field(0, description="Seed of the train/validation split.")
+    max_items: int | None = Field(
+        None, ge=1, description="Use at most this many training items (after validation)."
+    )
+    near_duplicate_threshold: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Word 3-gram Jaccard similarity at or above which a train/validation pair is "
+        "reported as possible leakage.",
+    )
+    strip_calculator_annotations: bool = Field(
+        True, description="Remove GSM8K calculator annotations like <<48/2=24>> from solutions."
+    )
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class LoraSection(Section):
+    """LoRA adapters through peft; disabled means full fine-tuning."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Adapter scaling numerator (lora_alpha).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Modules to adapt: a list of names or 'all-linear'."
+    )
+
+
+class TinyModelConfig(Section):
+    """The built-in small model: a Llama-style decoder built from a config, with its own tokenizer."""
+
+    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, description="Decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads.")
+    intermediate_size: int = Field(384, ge=8, description="Width of the MLP.")
+    max_position_embeddings: int = Field(512, ge=32, description="Longest sequence in tokens.")
+    vocab_size: int = Field(
+        512, ge=300, description="Tokenizer vocabulary size (byte-level BPE, digits split: > 256)."
+    )
+    pretrain_steps: int = Field(
+        0, ge=0,
+        description="Steps of language-model pretraining on generated text of the task's family "
+        "before anything else (gives the tiny model prior competence, as a real base model has).",
+    )
+    pretrain_batch_size: int = Field(32, ge=1, description="Sequences per pretraining step.")
+    pretrain_lr: float = Field(1e-3, gt=0.0, description="Peak pretraining learning rate.")
+    seed: int = Field(0, description="Seed of the initial weights and of the pretraining data.")
+
+
+class ModelConfig(Section):
+    """The policy model: a hub id, a local path, or the built-in `tiny` preset."""
+
+    name_or_path: str = Field(
+        "tiny", description="Hugging Face hub id, local directory, or 'tiny' for the built-in model."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto is bfloat16 on a GPU that supports it, else float32."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Device; auto picks CUDA, then MPS, then CPU."
+    )
+    use_chat_template: bool | None = Field(
+        None, description="Format prompts with the tokenizer's chat template; None: when it has one."
+    )
+    prompt_template: str = Field(
+        "{prompt}\n",
+        description="How a prompt is written for a model without a chat template; {prompt} is the "
+        "item's prompt.",
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    lora: LoraSection = Field(default_factory=LoraSection)
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class SFTConfig(Section):
+    """Warm-up supervised fine-tuning on the items that carry a worked solution."""
+
+    enabled: bool = Field(True, description="Run warm-up SFT; off starts RL from the base model.")
+    epochs: float = Field(3.0, gt=0.0, description="Passes over the items with solutions.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps; overrides epochs when set."
+    )
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch (per process).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps warming up.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warm-up; cosine and linear decay to 0."
+    )
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    max_length: int = Field(512, ge=16, description="Longest prompt+solution in tokens; longer is cut.")
+    eval_interval: int = Field(
+        0, ge=0, description="Validate every N steps (0: only at the end)."
+    )
+    checkpoint_interval: int = Field(
+        100, ge=0, description="Checkpoint every N steps (0: only at the end)."
+    )
+    keep_best: bool = Field(
+        True, description="End with the checkpoint of best validation accuracy, not the last one."
+    )
+    seed: int = Field(0, description="Seed of data order and dropout.")
+
+
+class GRPOSection(Section):
+    """Options of the critic-free GRPO update."""
+
+    scale_rewards: bool = Field(
+        True, description="Divide group-centred rewards by the group's std (Dr. GRPO turns it off)."
+    )
+
+
+class RLConfig(Section):
+    """Reinforcement with the grader: PPO as in ReFT, or GRPO."""
+
+    enabled: bool = Field(True, description="Run the RL stage.")
+    algorithm: Literal["ppo", "grpo"] = Field("ppo", description="ppo (value head, GAE) or grpo.")
+    iterations: int = Field(
+        50, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
+    )
+    prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
+    samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt (ReFT used 1).")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout batch.")
+    minibatch_size: int = Field(32, ge=1, description="Completions per gradient step.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Split each minibatch into chunks of this many completions "
+        "(gradient accumulation, to bound memory); None: no split.",
+    )
+    generation_batch_size: int = Field(
+        256, ge=1, description="Completions generated together (prompts x samples per call)."
+    )
+    lr: float = Field(3e-5, gt=0.0, description="Learning rate (AdamW), constant after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear lr warm-up.")
+    kl_coef: float = Field(
+        0.05, ge=0.0, description="Per-token KL penalty to the warm-up model (ReFT: 0.05 N-CoT, 0.01 P-CoT)."
+    )
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="KL estimator in the reward: k1 = logp - logp_ref (ReFT), k3 (always >= 0)."
+    )
+    gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount.")
+    lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip.")
+    vf_clip_range: float = Field(0.2, gt=0.0, description="Value prediction clip around old values.")
+    vf_coef: float = Field(5.0, ge=0.0, description="Value loss coefficient (ReFT: 5).")
+    whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    max_new_tokens: int = Field(128, ge=1, description="Longest sampled completion.")
+    max_prompt_length: int = Field(384, ge=8, description="Longer prompts are cut from the left.")
+    eval_interval: int = Field(10, ge=0, description="Validate every N iterations (0: only at the end).")
+    checkpoint_interval: int = Field(10, ge=0, description="Checkpoint every N iterations.")
+    keep_best: bool = Field(
+        False, description="End with the iterate of best validation accuracy instead of the last."
+    )
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    seed: int = Field(0, description="Seed of prompt order and sampling.")
+
+
+# --------------------------------------------------------------------------- grading, evaluation
+
+
+DEFAULT_GRADER: dict[str, Any] = {
+    "type": "numeric_match",
+    "name": "answer",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.reference }}",
+    "partial_credit": 0.0,
+}
+
+
+class GraderConfig(Section):
+    """The grader that scores samples, in OpenAI's RFT grader JSON (plus numeric_match and rank)."""
+
+    spec: dict[str, Any] | None = Field(
+        None, description="Grader JSON inline; None and no file: numeric_match on item.reference."
+    )
+    file: str | None = Field(None, description="Path to a grader JSON/YAML file (instead of spec).")
+    workers: int = Field(
+        0, ge=0, description="Grading processes (0: in-process, except the python grader)."
+    )
+    timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one python-grader call.")
+    memory_mb: int = Field(1024, ge=64, description="Memory limit of the python-grader process.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GraderConfig:
+        if self.spec is not None and self.file is not None:
+            raise ValueError("give grader.spec or grader.file, not both")
+        return self
+
+    def resolved_spec(self) -> dict[str, Any]:
+        """The grader JSON this section describes (inline, from the file, or the default)."""
+        if self.file is not None:
+            from rft_core.graders import load_grader_spec
+
+            return load_grader_spec(self.file)
+        return dict(self.spec) if self.spec is not None else dict(DEFAULT_GRADER)
+
+
+class EvalConfig(Section):
+    """Evaluation on the validation set: greedy accuracy, mean reward, pass@k, maj@k."""
+
+    max_items: int | None = Field(None, ge=1, description="Evaluate at most this many items.")
+    pass_threshold: float = Field(
+        1.0, ge=0.0, le=1.0, description="A sample is correct when its reward is at least this."
+    )
+    k: int = Field(0, ge=0, description="Samples per item for pass@k and maj@k (0: greedy only).")
+    temperature: float = Field(1.0, gt=0.0, description="Temperature of the k samples.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
+    num_logged_samples: int = Field(32, ge=0, description="Completions kept in the samples table.")
+    seed: int = Field(0, description="Seed of the sampled completions.")
+
+
+# --------------------------------------------------------------------------- tracking, registry
+
+
+class TrackingConfig(Section):
+    """Where MLflow runs go."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; None uses MLFLOW_TRACKING_URI, else "
+        "sqlite:///<output_dir>/mlflow.db.",
+    )
+    log_models: bool = Field(True, description="Log the trained model to MLflow.")
+
+
+class RegistryConfig(Section):
+    """Model registry: which name to register under and when the champion alias moves."""
+
+    enabled: bool = Field(True, description="Register the trained model as a new version.")
+    model_name: str = Field("rft-model", description="Registered model name.")
+    metric: str = Field("eval/accuracy", description="Validation metric the gate compares.")
+    greater_is_better: bool = Field(True, description="Direction of the gate's metric.")
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="How much the challenger must beat the champion by."
+    )
+    promote: bool = Field(True, description="Run the promotion gate after registering.")
+
+
+# --------------------------------------------------------------------------- the whole
+
+
+class RFTConfig(Section):
+    """A whole pipeline run: data, model, SFT, RL, grader, evaluation, tracking, registry."""
+
+    experiment: str = Field("rft", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="Name of the MLflow parent run.")
+    output_dir: str = Field("rft_runs", description="Checkpoints, manifests, reports and caches.")
+    seed: int = Field(0, description="Global seed (torch, python, numpy) set at every stage.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    grader: GraderConfig = Field(default_factory=GraderConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    # ---- construction
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> RFTConfig:
+        """Build a config, turning pydantic's errors into one message per bad key."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_explain(exc, source)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RFTConfig:
+        """Load a YAML (or JSON) file, then apply `section.key=value` overrides."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
+        return cls.from_dict(apply_overrides(raw, overrides or []), source=str(path))
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RFTConfig:
+        """The config a CLI call means: a file plus overrides, or the defaults plus overrides."""
+        if path is not None:
+            return cls.from_yaml(path, overrides)
+        return cls.from_dict(apply_overrides({}, overrides or []), source="--set")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    # ---- digests: cache keys of the stages
+
+    def digest(self, *sections: str) -> str:
+        """A short stable hash of the named sections (all of them when none is named)."""
+        dumped = self.model_dump(mode="json")
+        if sections:
+            dumped = {name: dumped[name] for name in sections}
+        text = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- overrides, errors
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars or flow collections: 3, 0.1, true, null, [a, b], {a: 1}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b.c=value` applied; keys are checked on validation."""
+    result = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        keys = [k for k in dotted.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = result
+        for key in keys[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[keys[-1]] = _parse_value(value)
+    return result
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section class that owns the key at `loc` (for 'did you mean' suggestions)."""
+    model: type[BaseModel] | None = RFTConfig
+    for key in loc[:-1]:
+        if model is None or not isinstance(key, str) or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(part) for part in loc)
+        if err["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            known = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
+            valid = f" (valid keys: {', '.join(known)})" if known and not close else ""
+            lines.append(f"{source}: unknown key '{dotted}'{hint}{valid}")
+        else:
+            lines.append(f"{source}: {dotted or '<root>'}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)

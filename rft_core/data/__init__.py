@@ -1,0 +1,67 @@
+"""The data layer: task files -> validated canonical item frame -> train/validation split.
+
+    result = load_items("train.jsonl", cfg.data, numeric=True)   # frame + every rejected row
+    report = validate_file("train.jsonl", cfg.data)              # same, rejects file written
+    split = split_items(result.frame, cfg.data)                  # train, val, manifest, leakage
+    train, val = apply_manifest(result.frame, SplitManifest.load("split.json"))
+
+formats.py reads the files, schemas.py defines the frame, validate.py reports, split.py splits,
+synthetic.py generates the built-in task, cli.py is `rft validate`.
+"""
+
+from rft_core.data.formats import FORMATS, LoadResult, Reject, detect_format, load_items, split_gsm8k_answer
+from rft_core.data.schemas import (
+    CANONICAL_COLUMNS,
+    ITEMS_SCHEMA,
+    DataError,
+    Problem,
+    canonical_frame,
+    frame_digest,
+    item_dict,
+    read_items,
+    validate_items,
+    write_items,
+)
+from rft_core.data.split import (
+    LeakagePair,
+    SplitManifest,
+    SplitResult,
+    apply_manifest,
+    find_near_duplicates,
+    normalize_prompt,
+    split_items,
+)
+from rft_core.data.synthetic import generate, pretraining_documents, write_synthetic
+from rft_core.data.validate import ValidationReport, default_rejects_path, validate_file
+
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "FORMATS",
+    "ITEMS_SCHEMA",
+    "DataError",
+    "LeakagePair",
+    "LoadResult",
+    "Problem",
+    "Reject",
+    "SplitManifest",
+    "SplitResult",
+    "ValidationReport",
+    "apply_manifest",
+    "canonical_frame",
+    "default_rejects_path",
+    "detect_format",
+    "find_near_duplicates",
+    "frame_digest",
+    "generate",
+    "item_dict",
+    "load_items",
+    "normalize_prompt",
+    "pretraining_documents",
+    "read_items",
+    "split_gsm8k_answer",
+    "split_items",
+    "validate_file",
+    "validate_items",
+    "write_items",
+    "write_synthetic",
+]

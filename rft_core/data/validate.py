@@ -1,0 +1,157 @@
+"""Validate a data file: load it, write its rejected rows beside it, and report what was found.
+
+The report is what `rft validate` prints and what the pipeline's `validate` stage logs: counts
+that add up (`rows == valid + rejected`), every problem with its file, line, field and reason, and
+where the rejects file went. Each line of the rejects file is one rejected row:
+`{"file", "line", "index", "problems": [{"field", "reason"}...], "raw"}` plus `raw_base64` when the
+row's bytes are not valid UTF-8, so nothing of the input is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from rft_core.config import DataConfig
+from rft_core.data.formats import Reject, load_items
+from rft_core.data.schemas import DataError, Problem
+
+REJECTS_SUFFIX = ".rejects.jsonl"
+
+
+@dataclass
+class ValidationReport:
+    """What validating one file found."""
+
+    path: Path
+    format: str
+    rows: int
+    valid: int
+    rejected: int
+    problems: list[Problem]
+    rejects_path: Path | None
+    frame: pd.DataFrame
+
+    @property
+    def ok(self) -> bool:
+        return self.rejected == 0
+
+    def reason_counts(self) -> dict[str, int]:
+        """How often each kind of problem occurred (field + reason without its details)."""
+        counts: Counter[str] = Counter()
+        for p in self.problems:
+            kind = p.reason.split(":")[0].split(" (")[0]
+            counts[f"{p.field}: {kind}" if p.field else kind] += 1
+        return dict(counts.most_common())
+
+    def to_dict(self, max_problems: int | None = None) -> dict[str, Any]:
+        """JSON-ready: file, format, counts, problems (all, or the first `max_problems`), rejects path."""
+        shown = self.problems if max_problems is None else self.problems[:max_problems]
+        return {
+            "file": str(self.path),
+            "format": self.format,
+            "rows": self.rows,
+            "valid": self.valid,
+            "rejected": self.rejected,
+            "problem_count": len(self.problems),
+            "problem_kinds": self.reason_counts(),
+            "problems": [
+                {"line": p.line, "index": p.index, "field": p.field, "reason": p.reason} for p in shown
+            ],
+            "rejects_path": str(self.rejects_path) if self.rejects_path else None,
+        }
+
+    def render(self, max_problems: int = 20) -> RenderableType:
+        """A rich renderable: counts, the first problems by line and field, where the rejects went."""
+        status = "[green]all rows valid[/]" if self.ok else f"[red]{self.rejected} rejected[/]"
+        header = Text.from_markup(
+            f"[bold]{self.path}[/] ({self.format}): {self.rows} rows, "
+            f"[green]{self.valid} valid[/], {status}"
+        )
+        parts: list[RenderableType] = [header]
+        if self.problems:
+            table = Table(show_edge=False, header_style="bold", pad_edge=False)
+            table.add_column("line", justify="right")
+            table.add_column("field")
+            table.add_column("reason", overflow="fold")
+            for p in self.problems[:max_problems]:
+                where = str(p.line) if p.index is None else f"{p.line if p.line is not None else '-'} [{p.index}]"
+                table.add_row(where, p.field or "-", p.reason)
+            parts.append(table)
+            if len(self.problems) > max_problems:
+                # The table shows only the first ones, so say what the rest are.
+                parts.append(Text(f"... and {len(self.problems) - max_problems} more problems"))
+                kinds = ", ".join(f"{kind} x{n}" for kind, n in self.reason_counts().items())
+                parts.append(Text(f"problems by kind: {kinds}"))
+        if self.rejects_path:
+            parts.append(Text(f"rejected rows written to {self.rejects_path}"))
+        return Group(*parts)
+
+
+def default_rejects_path(path: str | Path) -> Path:
+    """`<file>.rejects.jsonl` beside the file, or in the working directory when that is read-only."""
+    path = Path(path)
+    beside = path.with_name(path.name + REJECTS_SUFFIX)
+    if os.access(beside.parent, os.W_OK) and (not beside.exists() or os.access(beside, os.W_OK)):
+        return beside
+    return Path.cwd() / beside.name
+
+
+def write_rejects(rejects: list[Reject], path: str | Path) -> Path:
+    """One JSON line per rejected row, its raw text and every problem."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8", newline="\n") as out:
+            for reject in rejects:
+                out.write(json.dumps(reject.to_dict(), ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write the rejects file: {exc.strerror or exc}") from None
+    return path
+
+
+def validate_file(
+    path: str | Path,
+    cfg: DataConfig | None = None,
+    *,
+    rejects_path: str | Path | None = None,
+    numeric: bool = False,
+    format: str | None = None,
+) -> ValidationReport:
+    """Load `path`, write its rejected rows, and report.
+
+    Rejects go to `rejects_path` if given (written even when empty, so a caller who names it always
+    finds it), else to `default_rejects_path` when some row was rejected. A clean file leaves no
+    rejects file, and removes a stale one beside it (it would describe other data).
+    Raises DataError when the file is unusable as a whole.
+    """
+    result = load_items(path, cfg, format=format, numeric=numeric)
+    if rejects_path is not None:
+        written: Path | None = write_rejects(result.rejects, rejects_path)
+    elif result.rejects:
+        written = write_rejects(result.rejects, default_rejects_path(path))
+    else:
+        written = None
+        # Only the file beside the data is ours to clear; a same-named one in the cwd may not be.
+        stale = Path(path).with_name(Path(path).name + REJECTS_SUFFIX)
+        if stale.is_file() and os.access(stale.parent, os.W_OK):
+            stale.unlink(missing_ok=True)
+    return ValidationReport(
+        path=Path(path),
+        format=result.format,
+        rows=result.rows,
+        valid=result.valid,
+        rejected=result.rejected,
+        problems=result.problems,
+        rejects_path=written,
+        frame=result.frame,
+    )

@@ -1,0 +1,140 @@
+"""The sandboxed process behind the python grader: runs user `grade(sample, item)` calls.
+
+Started by `python_grader.SandboxWorker` as `python -I _sandbox_child.py MEMORY_BYTES`; it
+imports nothing from rft. Before any user code runs it:
+
+- caps its address space (RLIMIT_AS, hard and soft, so user code cannot raise it) and disables
+  core dumps;
+- moves the protocol to private file descriptors: user `print` goes to stderr, user `input()`
+  reads an empty stdin, so user code can neither corrupt nor read the protocol;
+- starts a watchdog thread that exits when the parent process is gone, so a grader stuck in
+  a loop does not outlive a killed training run;
+- installs an audit hook (hooks cannot be removed) that refuses sockets and name lookups,
+  starting processes, signalling other processes, changing resource limits, loading native
+  code through ctypes, and rebinding the hook's own code.
+
+Protocol: one JSON object per line. The parent sends `{"source": ...}`; the child answers
+`{"ok": true}` once `grade` is defined, or `{"ok": false, "error": ...}` and exits. Then, per
+call, the parent sends `{"sample": ..., "item": ...}` and the child answers `{"ok": true,
+"value": float}` or `{"ok": false, "error": ...}`. Range checks happen in the parent.
+"""
+
+import json
+import numbers
+import os
+import resource
+import sys
+import threading
+import time
+import traceback
+
+# Audit events refused inside the sandbox. Sockets and DNS: no network. Processes: a child
+# process would not carry the audit hook. ctypes: native calls could bypass everything.
+_BLOCKED_EVENTS = frozenset(
+    {
+        "socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg",
+        "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr", "socket.getnameinfo",
+        "socket.sethostname",
+        "subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
+        "os.forkpty", "os.startfile", "pty.spawn",
+        "os.kill", "os.killpg", "signal.pthread_kill",
+        "resource.setrlimit", "resource.prlimit",
+        "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle", "ctypes.call_function",
+        "ctypes.cdata", "ctypes.cdata/buffer", "ctypes.addressof", "ctypes.string_at",
+        "ctypes.wstring_at", "ctypes.set_errno",
+    }
+)
+
+
+def _install_audit_hook():
+    blocked = _BLOCKED_EVENTS
+
+    def hook(event, args, _blocked=blocked):
+        if event in _blocked:
+            raise PermissionError(f"{event} is not allowed in the python grader sandbox")
+        # Rebinding the hook's code or defaults would disarm it.
+        if event == "object.__setattr__" and args and args[0] is hook:
+            raise PermissionError("the sandbox audit hook cannot be modified")
+
+    sys.addaudithook(hook)
+
+
+def _exit_with_parent(parent_pid):
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(0)
+
+
+def _start_watchdog():
+    threading.stack_size(256 * 1024)  # the thread's stack counts against the memory limit
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.stack_size(0)
+
+
+def _send(channel, message):
+    channel.write(json.dumps(message) + "\n")
+    channel.flush()
+
+
+def _describe(exc, memory_bytes):
+    if isinstance(exc, MemoryError):
+        return f"MemoryError: memory limit of {memory_bytes // (1024 * 1024)} MiB exceeded"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == "<grader>"]
+    where = f" (line {frames[-1].lineno} of the grader source)" if frames else ""
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return f"{text}{where}"
+
+
+def _as_number(value):
+    # Booleans and numpy scalars are numbers (NaN and infinities travel as JSON NaN/Infinity
+    # and fail the parent's range check); anything else is reported as it is.
+    if isinstance(value, numbers.Real):
+        return {"ok": True, "value": float(value)}
+    return {"ok": False, "error": f"grade() returned {type(value).__name__} {value!r:.80}, not a number"}
+
+
+def main():
+    memory_bytes = int(sys.argv[1])
+    # Private protocol channels; fds 0 and 1 become /dev/null and stderr for user code.
+    proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8")
+    proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(2, 1)
+
+    _start_watchdog()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    # numpy imports ctypes (which dlopens libpython) at import time: import it while allowed.
+    import ctypes  # noqa: F401
+
+    _install_audit_hook()
+
+    first = json.loads(proto_in.readline() or "{}")
+    namespace = {"__name__": "grader"}
+    try:
+        exec(compile(first.get("source", ""), "<grader>", "exec"), namespace)
+        grade = namespace.get("grade")
+        if not callable(grade):
+            raise NameError("the source does not define a function grade(sample, item)")
+    except BaseException as exc:  # noqa: BLE001 - report whatever the source raised
+        _send(proto_out, {"ok": False, "error": _describe(exc, memory_bytes)})
+        return
+    _send(proto_out, {"ok": True})
+
+    for line in proto_in:
+        request = json.loads(line)
+        try:
+            reply = _as_number(grade(request["sample"], request["item"]))
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and friends are grader errors too
+            reply = {"ok": False, "error": _describe(exc, memory_bytes)}
+        del request
+        try:
+            _send(proto_out, reply)
+        except MemoryError:
+            _send(proto_out, {"ok": False, "error": _describe(MemoryError(), memory_bytes)})
+
+
+if __name__ == "__main__":
+    main()

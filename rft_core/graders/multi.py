@@ -1,0 +1,372 @@
+"""The `multi` grader: named sub-graders combined by a `calculate_output` formula.
+
+The formula is parsed here by a small recursive-descent parser (never `eval`) into a tree
+that is evaluated once per sample. Grammar, loosest binding first:
+
+    expr   := term (('+' | '-') term)*
+    term   := unary (('*' | '/') unary)*
+    unary  := ('-' | '+') unary | power
+    power  := atom (('^' | '**') unary)?          # right-associative: 2^3^2 = 2^9; -2^2 = -4
+    atom   := number | name | name '(' expr (',' expr)* ')' | '(' expr ')'
+
+Functions: `min`, `max` (one or more arguments), `abs`, `floor`, `ceil`, `exp`, `sqrt`, `log`
+(natural; one argument). Names are the keys of `graders`. Unknown names, unknown functions,
+wrong arities and syntax errors are spec errors; division by zero, `sqrt`/`log` out of domain
+and a result outside [0, 1] are error results. A sub-grader's error makes the multi result an
+error that lists which sub-graders failed; `sub_rewards` holds every sub-grader's reward.
+
+>>> formula = parse_formula("0.5 * a + 0.5 * max(b, 0.2)")
+>>> evaluate(formula, {"a": 1.0, "b": 0.0})
+0.6
+>>> sorted(names_in(parse_formula("min(a, b) ^ 2")))
+['a', 'b']
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rft_core.graders.base import (
+    Grader,
+    GraderError,
+    GradeResult,
+    GraderSpecError,
+    Sample,
+    check_reward,
+    field_problems,
+    make_context,
+    spec_label,
+)
+
+
+class FormulaError(GraderSpecError):
+    """A formula that does not parse (or names what it cannot use)."""
+
+
+# ----------------------------------------------------------------------------- the tree
+
+
+@dataclass(frozen=True)
+class Num:
+    value: float
+
+
+@dataclass(frozen=True)
+class Name:
+    name: str
+
+
+@dataclass(frozen=True)
+class Unary:
+    op: str
+    operand: Node
+
+
+@dataclass(frozen=True)
+class Binary:
+    op: str
+    left: Node
+    right: Node
+
+
+@dataclass(frozen=True)
+class Call:
+    function: str
+    args: tuple[Node, ...]
+
+
+Node = Num | Name | Unary | Binary | Call
+
+
+def _checked_sqrt(x: float) -> float:
+    if x < 0:
+        raise ArithmeticError(f"sqrt of negative number {x}")
+    return math.sqrt(x)
+
+
+def _checked_log(x: float) -> float:
+    if x <= 0:
+        raise ArithmeticError(f"log of non-positive number {x}")
+    return math.log(x)
+
+
+# name -> (function, min arity, max arity or None for any)
+FUNCTIONS: dict[str, tuple[Callable[..., float], int, int | None]] = {
+    "min": (min, 1, None),
+    "max": (max, 1, None),
+    "abs": (abs, 1, 1),
+    "floor": (lambda x: float(math.floor(x)), 1, 1),
+    "ceil": (lambda x: float(math.ceil(x)), 1, 1),
+    "exp": (math.exp, 1, 1),
+    "sqrt": (_checked_sqrt, 1, 1),
+    "log": (_checked_log, 1, 1),
+}
+
+# ----------------------------------------------------------------------------- tokenizer + parser
+
+_TOKEN_RE = re.compile(
+    r"\s*(?:(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<op>\*\*|[-+*/^(),]))"
+)
+
+
+def _tokenize(text: str) -> list[tuple[str, str, int]]:
+    tokens = []
+    position = 0
+    text = text.rstrip()
+    while position < len(text):
+        match = _TOKEN_RE.match(text, position)
+        if not match:
+            raise FormulaError(f"formula {text!r}: unexpected character {text[position:].lstrip()[:1]!r} "
+                               f"at position {position + len(text[position:]) - len(text[position:].lstrip())}")
+        kind = match.lastgroup or "op"
+        tokens.append((kind, match.group(kind), match.start(kind)))
+        position = match.end()
+    return tokens
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.index = 0
+
+    def error(self, message: str) -> FormulaError:
+        if self.index < len(self.tokens):
+            where = f"at position {self.tokens[self.index][2]} ({self.tokens[self.index][1]!r})"
+        else:
+            where = "at the end"
+        return FormulaError(f"formula {self.text!r}: {message} {where}")
+
+    def peek(self) -> str | None:
+        return self.tokens[self.index][1] if self.index < len(self.tokens) else None
+
+    def take(self) -> tuple[str, str, int]:
+        token = self.tokens[self.index]
+        self.index += 1
+        return token
+
+    def expect(self, value: str) -> None:
+        if self.peek() != value:
+            raise self.error(f"expected {value!r}")
+        self.index += 1
+
+    def parse(self) -> Node:
+        if not self.tokens:
+            raise FormulaError(f"formula {self.text!r} is empty")
+        node = self.expr()
+        if self.index != len(self.tokens):
+            raise self.error("unexpected token")
+        return node
+
+    def expr(self) -> Node:
+        node = self.term()
+        while self.peek() in ("+", "-"):
+            op = self.take()[1]
+            node = Binary(op, node, self.term())
+        return node
+
+    def term(self) -> Node:
+        node = self.unary()
+        while self.peek() in ("*", "/"):
+            op = self.take()[1]
+            node = Binary(op, node, self.unary())
+        return node
+
+    def unary(self) -> Node:
+        if self.peek() in ("-", "+"):
+            op = self.take()[1]
+            return Unary(op, self.unary())
+        return self.power()
+
+    def power(self) -> Node:
+        base = self.atom()
+        if self.peek() in ("^", "**"):
+            self.take()
+            return Binary("^", base, self.unary())
+        return base
+
+    def atom(self) -> Node:
+        if self.index >= len(self.tokens):
+            raise self.error("expected a number, a name or '('")
+        kind, value, _ = self.tokens[self.index]
+        if kind == "number":
+            self.index += 1
+            return Num(float(value))
+        if kind == "name":
+            self.index += 1
+            if self.peek() == "(":
+                return self.call(value)
+            return Name(value)
+        if value == "(":
+            self.index += 1
+            node = self.expr()
+            self.expect(")")
+            return node
+        raise self.error("expected a number, a name or '('")
+
+    def call(self, function: str) -> Node:
+        if function not in FUNCTIONS:
+            self.index -= 1
+            raise self.error(f"unknown function {function!r} (known: {', '.join(FUNCTIONS)})")
+        self.expect("(")
+        args = [self.expr()]
+        while self.peek() == ",":
+            self.take()
+            args.append(self.expr())
+        self.expect(")")
+        _, low, high = FUNCTIONS[function]
+        if len(args) < low or (high is not None and len(args) > high):
+            wanted = f"{low}" if high == low else f"at least {low}"
+            raise FormulaError(f"formula {self.text!r}: {function}() takes {wanted} argument(s), got {len(args)}")
+        return Call(function, tuple(args))
+
+
+def parse_formula(text: str) -> Node:
+    """The tree of a `calculate_output` formula; FormulaError (a GraderSpecError) if it does not parse.
+
+    >>> parse_formula("-a^2")
+    Unary(op='-', operand=Binary(op='^', left=Name(name='a'), right=Num(value=2.0)))
+    """
+    if not isinstance(text, str):
+        raise FormulaError(f"calculate_output should be a formula string, got {text!r}")
+    return _Parser(text).parse()
+
+
+def names_in(node: Node) -> set[str]:
+    """The sub-grader names a formula uses."""
+    if isinstance(node, Name):
+        return {node.name}
+    if isinstance(node, Unary):
+        return names_in(node.operand)
+    if isinstance(node, Binary):
+        return names_in(node.left) | names_in(node.right)
+    if isinstance(node, Call):
+        return set().union(*(names_in(arg) for arg in node.args))
+    return set()
+
+
+def evaluate(node: Node, values: Mapping[str, float]) -> float:
+    """The formula's value; ArithmeticError/ValueError/OverflowError on a domain or range error."""
+    if isinstance(node, Num):
+        return node.value
+    if isinstance(node, Name):
+        return float(values[node.name])
+    if isinstance(node, Unary):
+        operand = evaluate(node.operand, values)
+        return -operand if node.op == "-" else operand
+    if isinstance(node, Binary):
+        left, right = evaluate(node.left, values), evaluate(node.right, values)
+        if node.op == "+":
+            return left + right
+        if node.op == "-":
+            return left - right
+        if node.op == "*":
+            return left * right
+        if node.op == "/":
+            if right == 0:
+                raise ZeroDivisionError("division by zero")
+            return left / right
+        result = left**right
+        if isinstance(result, complex):
+            raise ArithmeticError(f"{left} ^ {right} is not a real number")
+        return float(result)
+    if isinstance(node, Call):
+        function = FUNCTIONS[node.function][0]
+        return float(function(*(evaluate(arg, values) for arg in node.args)))
+    raise TypeError(f"not a formula node: {node!r}")
+
+
+# ----------------------------------------------------------------------------- the grader
+
+
+def check_spec(spec: Mapping[str, Any]) -> list[str]:
+    """Problems of the multi spec itself (sub-grader specs are checked by validate_grader_spec)."""
+    problems = field_problems(spec, {"graders": dict, "calculate_output": str}, {})
+    label = spec_label(spec)
+    graders = spec.get("graders")
+    if isinstance(graders, dict) and not graders:
+        problems.append(f"{label}: graders must name at least one sub-grader")
+    if isinstance(spec.get("calculate_output"), str):
+        try:
+            formula = parse_formula(spec["calculate_output"])
+        except FormulaError as exc:
+            problems.append(f"{label}: {exc}")
+        else:
+            if isinstance(graders, dict):
+                unknown = sorted(names_in(formula) - set(graders))
+                if unknown:
+                    problems.append(
+                        f"{label}: calculate_output uses unknown sub-grader(s) {', '.join(unknown)} "
+                        f"(graders: {', '.join(map(str, graders)) or 'none'})"
+                    )
+    return problems
+
+
+class MultiGrader(Grader):
+    """OpenAI's multi grader: `graders` (name -> spec) and `calculate_output` (formula over the names).
+
+    >>> from rft_core.graders import build_grader
+    >>> spec = {"type": "multi", "name": "mix", "calculate_output": "0.8 * exact + 0.2 * near",
+    ...         "graders": {
+    ...             "exact": {"type": "string_check", "operation": "eq",
+    ...                       "input": "{{ sample.output_text }}", "reference": "{{ item.answer }}"},
+    ...             "near": {"type": "string_check", "operation": "ilike",
+    ...                      "input": "{{ sample.output_text }}", "reference": "{{ item.answer }}"}}}
+    >>> result = build_grader(spec).grade("PARIS", {"answer": "Paris"})
+    >>> result.reward, result.sub_rewards
+    (0.2, {'exact': 0.0, 'near': 1.0})
+    """
+
+    type = "multi"
+
+    def __init__(self, spec: Mapping[str, Any], graders: Mapping[str, Grader]):
+        super().__init__(spec)
+        self.graders = dict(graders)
+        self.formula = parse_formula(spec["calculate_output"])
+        unknown = names_in(self.formula) - set(self.graders)
+        if unknown:
+            raise GraderSpecError(f"multi {self.name!r}: calculate_output uses unknown sub-grader(s) {sorted(unknown)}")
+        self.concurrent = any(g.concurrent for g in self.graders.values())
+
+    def combine(self, context: dict[str, Any]) -> GradeResult:
+        """Grade with every sub-grader, then apply the formula to their rewards."""
+        sub_rewards: dict[str, float | None] = {}
+        errors: list[str] = []
+        for name, grader in self.graders.items():
+            result = grader.grade(context["sample"], context["item"])
+            sub_rewards[name] = result.reward
+            errors += [f"{self.name}.{error}" for error in result.errors]
+        failed = [name for name, reward in sub_rewards.items() if reward is None]
+        if failed:
+            return GradeResult.failure(
+                f"{self.name}: sub-grader(s) failed: {', '.join(failed)}", *errors, sub_rewards=sub_rewards
+            )
+        try:
+            reward = check_reward(evaluate(self.formula, sub_rewards))  # type: ignore[arg-type]
+        except (ArithmeticError, ValueError) as exc:
+            return GradeResult.failure(f"{self.name}: calculate_output: {exc}", sub_rewards=sub_rewards)
+        except GraderError as exc:
+            return GradeResult.failure(f"{self.name}: calculate_output result: {exc}", sub_rewards=sub_rewards)
+        return GradeResult(reward, sub_rewards=sub_rewards)
+
+    def score(self, context: dict[str, Any]) -> float:
+        result = self.combine(context)
+        if result.reward is None:
+            raise GraderError("; ".join(result.errors))
+        return result.reward
+
+    def grade(self, sample: Sample, item: Mapping[str, Any] | None = None) -> GradeResult:
+        try:
+            context = make_context(sample, item)
+        except GraderError as exc:  # a malformed sample is one error, not one per sub-grader
+            return GradeResult.failure(f"{self.name}: {exc}")
+        return self.combine(context)
+
+    def close(self) -> None:
+        for grader in self.graders.values():
+            grader.close()

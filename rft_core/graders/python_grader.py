@@ -1,0 +1,303 @@
+"""The `python` grader: user `source` defining `grade(sample, item) -> float`, run in a sandbox.
+
+User code never runs in the training process. Each call goes to a sandbox worker process
+(`_sandbox_child.py`) with a wall-clock limit (`timeout_s`), an address-space limit
+(`memory_mb`, RLIMIT_AS), no network (an audit hook refuses sockets, name lookups and starting
+processes), and a minimal environment (no API keys). A call that times out, runs out of
+memory, opens a socket, raises, or returns something that is not a number in [0, 1] gives an
+error result with the reason; a worker that timed out or died is killed and replaced on the
+next call, so grading goes on. A worker exits by itself when the training process dies.
+
+Workers form a pool that grows to the number of concurrent callers: `grade_batch(...,
+workers=4)` drives four worker processes from four threads. The sandbox is a guard against
+mistakes and runaway graders, not a security boundary against hostile code: there is no
+filesystem isolation.
+
+>>> source = "def grade(sample, item):\\n    return float(sample['output_text'] == item['answer'])"
+>>> with PythonGrader({"type": "python", "name": "exact", "source": source}) as grader:
+...     grader.grade("42", {"answer": "42"}).reward
+1.0
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rft_core.graders.base import Grader, GraderError, GraderSpecError, field_problems, spec_label
+
+CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
+# Thread caps keep numerical libraries inside the memory limit (each BLAS thread reserves
+# address space); nothing else from the parent's environment is passed on.
+_CHILD_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "HOME", "SYSTEMROOT")
+_CHILD_ENV_SET = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                  "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+STARTUP_TIMEOUT_S = 30.0
+
+
+def check_spec(spec: Mapping[str, Any]) -> list[str]:
+    """Problems of a python spec: the source must parse and define `grade(sample, item)` at top level.
+
+    Nothing is executed; the source is only parsed.
+    """
+    problems = field_problems(spec, {"source": str}, {"image_tag": str})
+    label = spec_label(spec)
+    source = spec.get("source")
+    if not isinstance(source, str):
+        return problems
+    try:
+        tree = ast.parse(source, filename="<grader>")
+    except SyntaxError as exc:
+        return [*problems, f"{label}: source does not parse: {exc.msg} (line {exc.lineno})"]
+    definition = None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "grade":
+            definition = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.Import, ast.ImportFrom)):
+            targets = _bound_names(node)
+            if "grade" in targets:
+                definition = node
+    if definition is None:
+        problems.append(f"{label}: source does not define grade(sample, item) at top level")
+    elif isinstance(definition, ast.AsyncFunctionDef):
+        problems.append(f"{label}: grade must be a plain function, not async")
+    elif isinstance(definition, ast.FunctionDef):
+        args = definition.args
+        positional = len(args.posonlyargs) + len(args.args)
+        required = positional - len(args.defaults)
+        if (args.vararg is None and positional < 2) or required > 2:
+            problems.append(f"{label}: grade must take two arguments (sample, item), it takes {positional}")
+    return problems
+
+
+def _bound_names(node: ast.stmt) -> set[str]:
+    if isinstance(node, ast.Assign):
+        return {t.id for t in node.targets if isinstance(t, ast.Name)}
+    if isinstance(node, ast.AnnAssign):
+        return {node.target.id} if isinstance(node.target, ast.Name) else set()
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+    return set()
+
+
+class WorkerDied(GraderError):
+    """The worker process ended or broke the protocol; it must be replaced."""
+
+
+class WorkerTimeout(GraderError):
+    """The worker did not answer in time; it must be killed and replaced."""
+
+
+class SandboxWorker:
+    """One sandbox process with `source` loaded; `call(sample, item)` returns grade()'s value."""
+
+    def __init__(self, source: str, *, memory_mb: int, startup_timeout_s: float = STARTUP_TIMEOUT_S):
+        self.memory_mb = memory_mb
+        env = {key: os.environ[key] for key in _CHILD_ENV_KEEP if key in os.environ}
+        env.update(_CHILD_ENV_SET)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", str(CHILD_SCRIPT), str(memory_mb * 1024 * 1024)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+                start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cleans up
+            )
+        except OSError as exc:
+            raise WorkerDied(f"could not start the sandbox process: {exc}") from None
+        self._buffer = b""
+        self._send({"source": source})
+        try:
+            reply = self._receive(time.monotonic() + startup_timeout_s)
+        except GraderError:
+            self.kill()
+            raise
+        if not reply.get("ok"):
+            self.kill()
+            raise GraderSpecError(f"the grader source failed to load: {reply.get('error')}")
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def call(self, sample: Mapping[str, Any], item: Mapping[str, Any], timeout_s: float) -> Any:
+        self._send({"sample": sample, "item": item})
+        reply = self._receive(time.monotonic() + timeout_s, timeout_s=timeout_s)
+        if not reply.get("ok"):
+            raise GraderError(str(reply.get("error")))
+        return reply.get("value")
+
+    def _send(self, message: Mapping[str, Any]) -> None:
+        line = json.dumps(message, default=_jsonable, ensure_ascii=False).encode("utf-8") + b"\n"
+        try:
+            assert self.process.stdin is not None
+            self.process.stdin.write(line)
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise WorkerDied(self._death_reason()) from None
+
+    def _receive(self, deadline: float, timeout_s: float | None = None) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerTimeout(f"timed out after {timeout_s:g} s" if timeout_s else "worker did not start")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if not ready:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise WorkerDied(self._death_reason())
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            raise WorkerDied("the worker broke the protocol (wrote to its protocol channel)") from None
+        if not isinstance(reply, dict):
+            raise WorkerDied("the worker broke the protocol")
+        return reply
+
+    def _death_reason(self) -> str:
+        try:
+            code = self.process.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            return "the worker process stopped answering"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"the worker process was killed by {name} (memory limit {self.memory_mb} MiB?)"
+        return f"the worker process exited with code {code}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5.0)
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON for values data frames put in items: numpy scalars and arrays, then anything as str."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return value.item()
+        except (TypeError, ValueError):
+            pass
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    return str(value)
+
+
+def _kill_all(workers: set[SandboxWorker]) -> None:
+    for worker in list(workers):
+        worker.kill()
+    workers.clear()
+
+
+class PythonGrader(Grader):
+    """OpenAI's python grader: `source` defining `grade(sample, item)`; `image_tag` is accepted and
+    ignored (the sandbox uses this interpreter and its installed packages)."""
+
+    type = "python"
+    concurrent = True
+
+    def __init__(self, spec: Mapping[str, Any], *, timeout_s: float = 10.0, memory_mb: int = 1024):
+        super().__init__(spec)
+        self.source: str = spec["source"]
+        self.timeout_s = float(timeout_s)
+        self.memory_mb = int(memory_mb)
+        self._lock = threading.Lock()
+        self._idle: list[SandboxWorker] = []
+        self._workers: set[SandboxWorker] = set()
+        self._closed = False
+        # Kill the processes even if close() is never called.
+        self._finalizer = weakref.finalize(self, _kill_all, self._workers)
+        # Start one worker now so that a source that fails to load is a spec error at build time.
+        try:
+            self._release(self._spawn())
+        except GraderSpecError as exc:
+            raise GraderSpecError(f"python {self.name!r}: {exc}") from None
+        except GraderError as exc:
+            raise GraderSpecError(f"python {self.name!r}: the sandbox process did not start: {exc}") from None
+
+    @property
+    def worker_count(self) -> int:
+        """Live worker processes (idle or busy)."""
+        with self._lock:
+            return sum(1 for worker in self._workers if worker.alive)
+
+    def _spawn(self) -> SandboxWorker:
+        worker = SandboxWorker(self.source, memory_mb=self.memory_mb)
+        with self._lock:
+            self._workers.add(worker)
+        return worker
+
+    def _acquire(self) -> SandboxWorker:
+        with self._lock:
+            if self._closed:
+                raise GraderError("the grader is closed")
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.alive:
+                    return worker
+                self._workers.discard(worker)
+        try:
+            return self._spawn()
+        except GraderSpecError as exc:  # the source loaded before; now it does not (e.g. memory)
+            raise GraderError(str(exc)) from None
+
+    def _release(self, worker: SandboxWorker) -> None:
+        with self._lock:
+            if self._closed:
+                worker.kill()
+            else:
+                self._idle.append(worker)
+
+    def _discard(self, worker: SandboxWorker) -> None:
+        worker.kill()
+        with self._lock:
+            self._workers.discard(worker)
+
+    def score(self, context: dict[str, Any]) -> float:
+        worker = self._acquire()
+        try:
+            value = worker.call(context["sample"], context["item"], self.timeout_s)
+        except (WorkerTimeout, WorkerDied):
+            self._discard(worker)  # the next call starts a fresh process
+            raise
+        except BaseException:
+            self._release(worker)
+            raise
+        self._release(worker)
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._idle.clear()
+            workers = set(self._workers)
+        for worker in workers:
+            worker.kill()
+        with self._lock:
+            self._workers.clear()

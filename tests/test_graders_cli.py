@@ -1,0 +1,129 @@
+"""`rft grade`: one sample, files of items and samples, --validate, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rft_core.graders.cli import grade_cmd
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "graders"
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    app = typer.Typer()
+    app.command()(grade_cmd)
+    return runner.invoke(app, list(args))
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_one_sample_prints_the_result_json():
+    result = invoke("--grader", str(EXAMPLES / "numeric_match.yaml"), "--item", '{"reference": "18"}',
+                    "--sample", "9 * 2 = 18\n#### 17")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"reward": 0.1, "sub_rewards": {}, "errors": []}
+
+
+def test_one_sample_with_the_default_grader_and_a_multi_grader():
+    assert json.loads(invoke("--item", '{"reference": 18}', "--sample", "#### 18").stdout)["reward"] == 1.0
+    result = invoke("--grader", str(EXAMPLES / "multi.yaml"), "--item", '{"reference": 18}', "--sample", "It is 18")
+    assert json.loads(result.stdout) == {"reward": 0.9, "sub_rewards": {"answer": 1.0, "format": 0.0}, "errors": []}
+
+
+def test_an_error_result_is_printed_with_its_reason():
+    result = invoke("--item", '{"answer": 18}', "--sample", "#### 18")
+    assert result.exit_code == 0
+    output = json.loads(result.stdout)
+    assert output["reward"] is None and "template field 'item.reference' not found" in output["errors"][0]
+
+
+def test_files_print_a_summary_and_write_rows(tmp_path):
+    grader = tmp_path / "g.json"
+    grader.write_text(json.dumps({"type": "numeric_match", "name": "n", "partial_credit": 0.1}))
+    data = write_jsonl(tmp_path / "items.jsonl", [{"reference": 1}, {"reference": 2}, {"reference": "x"}])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"output_text": "#### 1"}, "#### 3", "#### 5"])
+    out = tmp_path / "out" / "graded.jsonl"
+    result = invoke("--grader", str(grader), "--data", str(data), "--samples", str(samples), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "graded: 3" in result.stdout and "mean reward: 0.5500" in result.stdout
+    assert "errors: 1 (33.3%)" in result.stdout and "holds no number" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["reward"]) for r in rows] == [(0, 1.0), (1, 0.1), (2, None)]
+    assert rows[2]["errors"][0].startswith("n: the reference 'x' holds no number")
+
+
+def test_files_through_the_data_layer_for_csv(tmp_path):
+    data = tmp_path / "items.csv"
+    data.write_text("prompt,reference\nWhat is 2+2?,4\nWhat is 3+3?,6\n")
+    samples = write_jsonl(tmp_path / "samples.jsonl", ["#### 4", "#### 7"])
+    result = invoke("--data", str(data), "--samples", str(samples))
+    assert result.exit_code == 0, result.output
+    assert "mean reward: 0.5000" in result.stdout
+
+
+def test_validate_exit_codes(tmp_path):
+    ok = invoke("--validate", str(EXAMPLES / "multi.yaml"))
+    assert ok.exit_code == 0 and "valid:" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("type: multi\ngraders:\n  a: {type: rank}\ncalculate_output: 'a + b'\n")
+    invalid = invoke("--validate", str(bad))
+    assert invalid.exit_code == 1
+    assert "unknown sub-grader(s) b" in invalid.stdout
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert invoke("--validate", str(broken)).exit_code == 1
+    assert invoke("--validate", str(tmp_path / "missing.yaml")).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sample", "x", "--item", "{bad"], "--item is not valid JSON"),
+        (["--sample", "x", "--item", "[1]"], "--item should be a JSON object"),
+        (["--item", "{}"], "--item needs --sample"),
+        ([], "give either --sample"),
+        (["--grader", "missing.yaml", "--sample", "x"], "grader file not found"),
+        (["--data", "items.jsonl"], "--data and --samples go together"),
+        (["--data", "items.jsonl", "--samples", "two.jsonl"], "has 1 items but"),
+        (["--data", "items.jsonl", "--samples", "nope.jsonl"], "samples file"),
+        (["--data", "bad.jsonl", "--samples", "two.jsonl"], "bad.jsonl:2: not valid JSON"),
+        (["--grader", "invalid.json", "--sample", "x"], "operation 'is' is not one of"),
+        (["--validate", "invalid.json", "--sample", "x"], "--validate checks a spec"),
+    ],
+)
+def test_unusable_input_exits_2_with_a_message_and_no_traceback(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "items.jsonl", [{"reference": 1}])
+    write_jsonl(tmp_path / "two.jsonl", ["a", "b"])
+    (tmp_path / "bad.jsonl").write_text('{"reference": 1}\n{oops\n')
+    (tmp_path / "invalid.json").write_text(json.dumps({"type": "string_check", "input": "a", "reference": "b",
+                                                       "operation": "is"}))
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_rft_grade_runs_as_a_real_command(tmp_path):
+    rft = Path(sys.executable).with_name("rft")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    completed = subprocess.run(
+        [str(rft), "grade", "--grader", str(EXAMPLES / "python.json"), "--item", '{"reference": "100"}',
+         "--sample", "The total is 102"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result == {"reward": pytest.approx(0.6), "sub_rewards": {}, "errors": []}  # 2% off, 5% allowed
