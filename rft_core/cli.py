@@ -1,4 +1,4 @@
-"""The `rft` command: validate data, run graders, run the pipeline, manage registered models."""
+"""The `rft` command: run the pipeline, validate data, run graders, train a stage, manage models."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import typer
 
 from rft_core.data.cli import validate_cmd
 from rft_core.graders.cli import grade_cmd
+from rft_core.registry_cli import models_cmd, promote_cmd, rollback_cmd
+from rft_core.run_cli import run_cmd, train_cmd
 
 app = typer.Typer(
     help="rft: Reinforcement Fine-Tuning of language models (SFT warm-up, PPO/GRPO with graders).",
@@ -14,10 +16,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+app.command("run", help="Run the whole pipeline (built-in demo without --config).")(run_cmd)
 app.command("validate", help="Check a data file: counts, problems by line and field, rejects file.")(
     validate_cmd
 )
 app.command("grade", help="Run a grader on one sample or on files of items and samples.")(grade_cmd)
+app.command("train", help="Run one training stage (sft or rl); works under `accelerate launch`.")(train_cmd)
+app.command("promote", help="Move the champion alias to a version (through the gate, or --force).")(
+    promote_cmd
+)
+app.command("rollback", help="Move the champion alias back to the previous champion.")(rollback_cmd)
+app.command("models", help="List a registered model's versions, aliases and metrics.")(models_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,107 @@
+"""Flows on registered models: a scheduled regression evaluation, and promotion through the gate.
+
+`evaluate_model` scores a registered model (e.g. `models:/NAME@champion`) on a data set, logs the
+result to MLflow and fails the flow run loudly when the score falls below a threshold.
+`promote_model` runs the promotion gate for one version (or forces it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from rft_core import stages, tracking
+from rft_core.config import RFTConfig
+
+
+class RegressionDetected(RuntimeError):
+    """The evaluated model scored below the threshold."""
+
+
+@task(name="load-data", retries=2, retry_delay_seconds=5)
+def load_validation(config: RFTConfig) -> stages.SplitRecord:
+    """The validation items the config names (validated and split exactly as the pipeline does)."""
+    data = stages.validate_stage(config)
+    return stages.split_stage(config, data)
+
+
+@task(name="evaluate-registered", retries=1, retry_delay_seconds=10)
+def evaluate_registered(config: RFTConfig, model_uri: str, split: stages.SplitRecord) -> dict[str, float]:
+    return stages.model_evaluator(config, split, tracking.resolve_tracking_uri(config))(model_uri)
+
+
+@flow(name="evaluate-model", log_prints=True)
+def evaluate_model(
+    config: RFTConfig | None = None,
+    model_uri: str | None = None,
+    metric: str = "eval/accuracy",
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """Evaluate `model_uri` (default: the champion of `registry.model_name`) on the config's
+    validation data; fail when `metric` < `threshold`."""
+    config = config or RFTConfig()
+    log = get_run_logger()
+    uri = tracking.resolve_tracking_uri(config)
+    tracking.check_tracking_available(uri)
+    model_uri = model_uri or f"models:/{config.registry.model_name}@{tracking.ALIAS_CHAMPION}"
+    split = load_validation(config)
+    metrics = evaluate_registered(config, model_uri, split)
+    run_id = tracking.start_pipeline_run(
+        config, tracking_uri=uri, run_name=f"evaluate {model_uri}",
+        tags={"rft.kind": "regression-evaluation", "rft.model_uri": model_uri, "data_digest": split.val_digest},
+    )
+    tracking.log_metrics_once(run_id, metrics, tracking_uri=uri)
+    value = metrics.get(metric)
+    failed = threshold is not None and (value is None or value < threshold)
+    verdict = "below threshold" if failed else "ok"
+    tracking.set_tags(run_id, {"regression.verdict": verdict, "regression.threshold": threshold}, tracking_uri=uri)
+    tracking.end_run(run_id, "FAILED" if failed else "FINISHED", tracking_uri=uri)
+    create_markdown_artifact(
+        markdown=f"# Evaluation of `{model_uri}`\n\n"
+        + stages.evaluation_table({model_uri: metrics})
+        + f"\n\n{metric} = {value} (threshold {threshold}): **{verdict}**. MLflow run `{run_id}`.",
+        key="rft-regression",
+    )
+    log.info("%s: %s = %s (threshold %s)", model_uri, metric, value, threshold)
+    if failed:
+        raise RegressionDetected(
+            f"{model_uri}: {metric} = {value} is below the threshold {threshold} (MLflow run {run_id})"
+        )
+    return metrics
+
+
+@flow(name="promote-model", log_prints=True)
+def promote_model(
+    version: int,
+    config: RFTConfig | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The promotion gate for `version` of `registry.model_name` (or `force` it to champion).
+
+    The champion is compared on the config's validation data (scored again when it was validated
+    on other data).
+    """
+    config = config or RFTConfig()
+    uri = tracking.resolve_tracking_uri(config)
+    tracking.check_tracking_available(uri)
+    evaluator = None
+    data_digest = None
+    if not force:
+        split = load_validation(config)
+        evaluator = stages.model_evaluator(config, split, uri)
+        data_digest = split.val_digest
+    decision = tracking.promotion_gate(
+        config.registry.model_name,
+        version,
+        metric=config.registry.metric,
+        greater_is_better=config.registry.greater_is_better,
+        min_improvement=config.registry.min_improvement,
+        data_digest=data_digest,
+        evaluate=evaluator,
+        force=force,
+        tracking_uri=uri,
+    )
+    get_run_logger().info("version %s: %s (%s)", version, "promoted" if decision.promoted else "refused", decision.reason)
+    return decision.to_dict()

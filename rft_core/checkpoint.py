@@ -1,0 +1,86 @@
+"""Training checkpoints: written atomically, found again after a crash, pruned to the last few.
+
+A checkpoint directory holds `model/` (save_pretrained: the full model, or the LoRA adapter),
+optional extra tensors (e.g. the value head), the optimizer and scheduler states, and `state.json`
+(step, data position, metric history). Data order and sampling are functions of (seed, step), so
+the step is the whole position: resuming replays nothing and skips nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_PREFIX = "step-"
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (a crash mid-write leaves no `state.json`)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `root` (rename of a finished staging dir), keep the last `keep`."""
+    root = Path(root)
+    final = root / f"{_PREFIX}{step}"
+    staging = root / f".{_PREFIX}{step}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(str(staging / "model"), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging / "model"))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    if extra:
+        torch.save(extra, staging / "extra.pt")
+    torch.save({"torch": torch.get_rng_state()}, staging / "rng.pt")
+    # state.json last: its presence marks the checkpoint complete.
+    (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    for old in checkpoint_dirs(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "state.json").read_text())
+
+
+def load_optimizer_states(
+    path: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None
+) -> dict[str, torch.Tensor]:
+    """Restore optimizer, scheduler and RNG from a checkpoint; return its extra tensors."""
+    path = Path(path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if scheduler is not None and (path / "scheduler.pt").exists():
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    extra = path / "extra.pt"
+    return torch.load(extra, map_location="cpu", weights_only=True) if extra.exists() else {}

@@ -1,0 +1,216 @@
+"""Evaluation on a split: greedy accuracy, mean reward, pass@k, maj@k, grader errors, samples table.
+
+A sample is correct when its grader reward is at least `eval.pass_threshold`. Grader errors are
+counted and reported, and count as not correct; they are left out of the mean reward.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from rft_core.config import RFTConfig
+from rft_core.generation import generate, row_seeds
+from rft_core.graders import grade_batch
+from rft_core.graders.numeric import extract_answer, parse_number
+from rft_core.models import encode_prompt, render_prompt
+
+
+@dataclass
+class EvalReport:
+    """Metrics (unprefixed: accuracy, reward_mean, ...) and a table of sampled completions."""
+
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def item_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """What graders see as `item` for each row of a canonical frame."""
+    from rft_core.data import item_dict
+
+    return [item_dict(row) for _, row in frame.iterrows()]
+
+
+def prompt_token_ids(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: RFTConfig, max_length: int
+) -> list[list[int]]:
+    """Rendered and tokenized prompts; longer ones keep their last `max_length` tokens."""
+    has_messages = "messages" in frame.columns
+    result = []
+    for _, row in frame.iterrows():
+        messages = row["messages"] if has_messages else None
+        messages = list(messages) if isinstance(messages, list | tuple) and len(messages) else None
+        text = render_prompt(tokenizer, cfg.model, row["prompt"], messages)
+        result.append(encode_prompt(tokenizer, cfg.model, text)[-max_length:])
+    return result
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
+    """Every token id that ends a completion (chat models often have several)."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(config_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def sample_completions(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[list[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    keys: Sequence[int] | None = None,
+) -> list[list[list[int]]]:
+    """Completions [prompt][sample] -> token ids, in batches; greedy when `seed` is None.
+
+    `keys` are stable ids of the prompts (default: their positions) so that a prompt's samples
+    depend on the prompt and the seed only.
+    """
+    keys = list(range(len(prompts))) if keys is None else list(keys)
+    was_training = model.training
+    model.eval()
+    out: list[list[list[int]]] = []
+    # Sorting by length keeps padding (wasted compute) low; order is restored below.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    by_index: dict[int, list[list[int]]] = {}
+    per_batch = max(1, batch_size // max(1, num_samples)) if seed is not None else batch_size
+    for start in range(0, len(order), per_batch):
+        chunk = order[start : start + per_batch]
+        seeds = None
+        if seed is not None:
+            seeds = row_seeds(seed, [keys[i] * num_samples + s for i in chunk for s in range(num_samples)])
+        result = generate(
+            model,
+            [prompts[i] for i in chunk],
+            eos_token_ids=eos_ids(tokenizer, model),
+            pad_token_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+            num_samples=num_samples if seed is not None else 1,
+            temperature=temperature,
+            top_k=top_k,
+            seeds=seeds,
+        )
+        n = num_samples if seed is not None else 1
+        for j, i in enumerate(chunk):
+            by_index[i] = result.completions[j * n : (j + 1) * n]
+    out = [by_index[i] for i in range(len(prompts))]
+    model.train(was_training)
+    return out
+
+
+def _vote_key(text: str) -> str:
+    answer = extract_answer(text)
+    if answer is None:
+        return " ".join(text.lower().split())
+    value = parse_number(answer)
+    return f"{value:.9g}" if value is not None else answer
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    grader: Any,
+    cfg: RFTConfig,
+    *,
+    k: int | None = None,
+    max_items: int | None = None,
+    accelerator: Any | None = None,
+) -> EvalReport:
+    """Greedy accuracy and mean reward on `frame`, plus pass@k and maj@k when k > 0."""
+    ev = cfg.eval
+    k = ev.k if k is None else k
+    limit = max_items if max_items is not None else ev.max_items
+    if limit is not None:
+        frame = frame.iloc[:limit]
+    prompts = prompt_token_ids(frame, tokenizer, cfg, cfg.rl.max_prompt_length)
+    items = item_records(frame)
+    indices = list(range(len(prompts)))
+    rank, world = 0, 1
+    if accelerator is not None and accelerator.num_processes > 1:
+        rank, world = accelerator.process_index, accelerator.num_processes
+    mine = indices[rank::world]
+
+    greedy = sample_completions(
+        model, tokenizer, [prompts[i] for i in mine],
+        num_samples=1, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+    )
+    sampled: list[list[list[int]]] = [[] for _ in mine]
+    if k > 0:
+        sampled = sample_completions(
+            model, tokenizer, [prompts[i] for i in mine],
+            num_samples=k, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+            temperature=ev.temperature, seed=ev.seed, keys=mine,
+        )
+    local = [(i, g[0], s) for i, g, s in zip(mine, greedy, sampled, strict=True)]
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        local = gather_object(local)
+    local.sort(key=lambda row: row[0])
+    greedy_texts = [decode(tokenizer, row[1]) for row in local]
+    greedy_lengths = [len(row[1]) for row in local]
+
+    results = grade_batch(grader, greedy_texts, items, workers=cfg.grader.workers)
+    threshold = ev.pass_threshold
+    correct = [r.reward is not None and r.reward >= threshold for r in results]
+    rewards = [r.reward for r in results if r.reward is not None]
+    n = max(1, len(results))
+    metrics: dict[str, float] = {
+        "accuracy": sum(correct) / n,
+        "reward_mean": sum(rewards) / len(rewards) if rewards else 0.0,
+        "grader_errors": float(sum(1 for r in results if r.reward is None)),
+        "response_length": sum(greedy_lengths) / n,
+        "items": float(len(results)),
+    }
+    if k > 0:
+        texts = [[decode(tokenizer, c) for c in row[2]] for row in local]
+        flat_items = [items[i] for i, row in enumerate(texts) for _ in row]
+        flat = grade_batch(grader, [t for row in texts for t in row], flat_items, workers=cfg.grader.workers)
+        pass_hits, maj_hits, pos = 0, 0, 0
+        for row in texts:
+            graded = flat[pos : pos + len(row)]
+            pos += len(row)
+            ok = [g.reward is not None and g.reward >= threshold for g in graded]
+            pass_hits += any(ok)
+            keys = [_vote_key(t) for t in row]
+            votes = Counter(keys)
+            winner = max(keys, key=votes.__getitem__)  # ties: the answer sampled first
+            maj_hits += ok[keys.index(winner)]
+            metrics["grader_errors"] += sum(1 for g in graded if g.reward is None)
+        metrics[f"pass@{k}"] = pass_hits / n
+        metrics[f"maj@{k}"] = maj_hits / n
+
+    samples = []
+    for (_, row), text, result in list(zip(frame.iterrows(), greedy_texts, results, strict=True))[
+        : ev.num_logged_samples
+    ]:
+        samples.append(
+            {
+                "id": str(row["id"]),
+                "prompt": row["prompt"],
+                "reference": row["reference"],
+                "completion": text,
+                "reward": result.reward,
+                "error": "; ".join(result.errors),
+            }
+        )
+    return EvalReport(metrics=metrics, samples=samples)

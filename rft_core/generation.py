@@ -1,0 +1,145 @@
+"""Batched sampling with a KV cache, reproducible per row.
+
+Each completion is a pure function of (model, prompt, its own seed): noise comes from a counter-based
+hash of (seed, step, token id) and sampling is Gumbel-max. So a sample does not depend on which
+other prompts share its batch, how many processes split the batch, or whether the run was resumed.
+
+Also: the prompt is prefilled once and its cache repeated for the `samples_per_prompt` copies, and
+finished rows leave the batch, so long prompts and uneven lengths cost little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # below 2**31, so products of 32-bit values stay inside int64
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mix (Wellons' lowbias-style) on int64 tensors holding 32-bit values."""
+    x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
+    x = ((x >> 16) ^ x) * _HASH_MUL & _MASK32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seeds: torch.Tensor, step: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise [rows, vocab], a deterministic function of (seed, step, token id)."""
+    row = _hash32((seeds.to(device=device, dtype=torch.int64) & _MASK32) ^ _hash32(torch.tensor(step, device=device)))
+    vocab = torch.arange(vocab_size, device=device, dtype=torch.int64)
+    bits = _hash32(row[:, None] ^ _hash32(vocab + 0x9E37)[None, :])
+    uniform = (bits.to(torch.float64) + 0.5) / 4294967296.0
+    return -torch.log(-torch.log(uniform))
+
+
+def row_seeds(seed: int, keys: Sequence[int]) -> torch.Tensor:
+    """Per-row seeds from a run seed and stable row keys (e.g. item index * K + sample index)."""
+    keys_t = torch.as_tensor(list(keys), dtype=torch.int64)
+    return _hash32((keys_t & _MASK32) ^ _hash32(torch.tensor(seed & _MASK32)))
+
+
+@dataclass
+class Generated:
+    """Completions of one call: token ids per row (EOS kept when the row stopped on it)."""
+
+    completions: list[list[int]]
+    stopped: list[bool]  # True when the row ended on EOS, False when it hit max_new_tokens
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    seeds: torch.Tensor | None = None,
+) -> Generated:
+    """Sample `num_samples` completions for each prompt (greedy when `seeds` is None).
+
+    Rows come out prompt-major: prompt 0's samples, then prompt 1's. `seeds` has one seed per
+    output row (len(prompts) * num_samples).
+    """
+    device = next(model.parameters()).device
+    n_prompts = len(prompts)
+    n_rows = n_prompts * num_samples
+    if seeds is not None and len(seeds) != n_rows:
+        raise ValueError(f"need {n_rows} seeds, got {len(seeds)}")
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((n_prompts, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n_prompts, width), dtype=torch.long)
+    for i, ids in enumerate(prompts):  # left padding: every row's next token lands at the same column
+        input_ids[i, width - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[i, width - len(ids):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    cache = DynamicCache()
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache = out.past_key_values
+    logits = out.logits[:, -1, :]
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        attention_mask = attention_mask.repeat_interleave(num_samples, dim=0)
+        position_ids = position_ids.repeat_interleave(num_samples, dim=0)
+    next_position = position_ids[:, -1] + 1
+
+    eos = torch.as_tensor(list(eos_token_ids), device=device)
+    completions: list[list[int]] = [[] for _ in range(n_rows)]
+    stopped = [False] * n_rows
+    active = torch.arange(n_rows, device=device)  # output rows still generating, in batch order
+    row_seed = seeds.to(device) if seeds is not None else None
+
+    for step in range(max_new_tokens):
+        logits = logits.float()
+        if row_seed is None:
+            tokens = logits.argmax(-1)
+        else:
+            scores = logits / temperature
+            if top_k and top_k < scores.shape[-1]:
+                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            noise = gumbel_noise(row_seed[active], step, scores.shape[-1], device)
+            tokens = (scores.double() + noise).argmax(-1)
+        finished = torch.isin(tokens, eos)
+        for row, token, done in zip(active.tolist(), tokens.tolist(), finished.tolist(), strict=True):
+            completions[row].append(token)
+            stopped[row] = done
+        if step == max_new_tokens - 1:
+            break
+        keep = ~finished
+        if not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            index = keep.nonzero().squeeze(-1)
+            cache.batch_select_indices(index)
+            active, tokens = active[index], tokens[index]
+            attention_mask, next_position = attention_mask[index], next_position[index]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        next_position = next_position + 1
+    return Generated(completions=completions, stopped=stopped)

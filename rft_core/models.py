@@ -1,0 +1,157 @@
+"""Load causal LMs and tokenizers (hub id or local path), pick device and dtype, add or merge LoRA.
+
+Prompt formatting lives here too, because it depends on the tokenizer: a chat template when the
+tokenizer has one (and the config allows it), else `model.prompt_template`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from rft_core.config import ModelConfig
+
+# Library progress bars for every shard load/save drown the stage's own progress lines.
+hf_logging.disable_progress_bar()
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA when available, then Apple MPS, then CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on a GPU that supports it, float32 elsewhere (CPU training stays exact)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name_or_path: str | Path, cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
+    """A tokenizer ready for batched generation: a pad token and left padding."""
+    cfg = cfg or ModelConfig()
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Decoder-only models often ship without one; the EOS token is the usual stand-in
+        # (positions are masked everywhere it is used as padding).
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str | Path,
+    cfg: ModelConfig | None = None,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM (hub id or directory) on `device` in `dtype`, in train mode."""
+    cfg = cfg or ModelConfig()
+    device = device or pick_device(cfg.device)
+    dtype = dtype or pick_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(name_or_path),
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        dtype=dtype,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device)
+
+
+def lora_config(cfg: ModelConfig) -> LoraConfig:
+    """The peft LoraConfig the `model.lora` section describes."""
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
+    """Wrap `model` with fresh LoRA adapters (B = 0, so the wrapped model equals the base)."""
+    return get_peft_model(model, lora_config(cfg))
+
+
+def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
+    """Fold LoRA adapters into the weights; a plain model passes through unchanged."""
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """`save_pretrained` for model (or adapter) and tokenizer into one directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.use_chat_template is None:
+        return has_template
+    if cfg.use_chat_template and not has_template:
+        raise ValueError("model.use_chat_template is true but the tokenizer has no chat template")
+    return cfg.use_chat_template
+
+
+def render_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    cfg: ModelConfig,
+    prompt: str,
+    messages: list[dict[str, Any]] | None = None,
+) -> str:
+    """The text the model continues: chat template with a generation prompt, or the template."""
+    if uses_chat_template(tokenizer, cfg):
+        chat = list(messages) if messages else [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return cfg.prompt_template.format(prompt=prompt)
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, text: str) -> list[int]:
+    """Token ids of a rendered prompt. Chat templates carry their own BOS; plain text gets it added."""
+    add_special = not uses_chat_template(tokenizer, cfg)
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    # Some tokenizers append EOS as a special token; a prompt must not end the sequence.
+    if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a target completion, ending with EOS so the model learns to stop."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]

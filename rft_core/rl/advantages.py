@@ -1,0 +1,114 @@
+"""The maths of the rewards side: masked statistics, KL penalty, GAE, whitening, group advantages.
+
+Tensors are [batch, response_tokens] with a 0/1 `mask` marking real response tokens (padding after
+the end of each response is 0). Pure functions, tested against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return masked_sum(x, mask) / mask.sum().clamp(min=1)
+    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; `shift_mean=False` keeps the mean (rewards)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate of policy vs reference from sampled tokens' log-probabilities.
+
+    k1 = log p - log q (unbiased, can be negative per token; ReFT and TRL's PPO use it);
+    k3 = (q/p) - 1 - log(q/p) (unbiased, always >= 0; GRPO uses it).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def terminal_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL on every response token, plus the score on the last one."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rows = torch.arange(len(scores), device=scores.device)
+    rewards[rows, last] += scores * (mask.sum(1) > 0)
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation; returns (advantages, returns = advantages + values).
+
+    The value after a response's last token is 0 (the episode ends there).
+    """
+    values = values * mask
+    rewards = rewards * mask
+    steps = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        # Past the end of a response nothing accumulates (mask 0 there).
+        last_gae = last_gae * mask[:, t]
+        advantages[:, t] = last_gae
+    return advantages, (advantages + values) * mask
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    scale: bool = True,
+    valid: torch.Tensor | None = None,
+    eps: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO: each score minus its group's mean (divided by the group's std when `scale`).
+
+    Rows are grouped consecutively (`group_size` samples of one prompt). Rows where `valid` is
+    False (the grader failed) take no part in their group's statistics and get advantage 0.
+    Also returns a boolean per group: True when its valid scores are all equal (no signal).
+    """
+    groups = scores.view(-1, group_size).to(torch.float64)
+    ok = torch.ones_like(groups) if valid is None else valid.view(-1, group_size).to(groups.dtype)
+    n = ok.sum(1, keepdim=True)
+    mean = (groups * ok).sum(1, keepdim=True) / n.clamp(min=1)
+    var = (((groups - mean) ** 2) * ok).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+    big = torch.finfo(groups.dtype).max
+    hi = torch.where(ok > 0, groups, -big).max(1).values
+    lo = torch.where(ok > 0, groups, big).min(1).values
+    flat = (hi - lo) <= 0
+    advantages = (groups - mean) * ok
+    if scale:
+        advantages = advantages / (var.sqrt() + eps)
+    advantages = advantages.masked_fill(flat[:, None], 0.0)
+    return advantages.reshape(-1).to(scores.dtype), flat

@@ -1,0 +1,47 @@
+"""PPO advantages as in ReFT: terminal grader score, per-token KL penalty, GAE, whitening.
+
+The reward of a response token is -kl_coef * KL(policy || warm-up) at that token, plus the grader's
+score on the last token. The critic's values (a head on the policy's last hidden state) give GAE
+advantages; advantages are whitened over the whole batch (all processes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rft_core.config import RLConfig
+from rft_core.rl.advantages import gae, kl_penalty, terminal_rewards
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (identity in one process)
+
+
+def whiten_global(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce, eps: float = 1e-8) -> torch.Tensor:
+    """Whiten over the masked entries of every process's batch (unbiased variance)."""
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).to(torch.float64)
+    total, total_sq, n = reduce(stats).tolist()
+    mean = total / max(n, 1.0)
+    var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
+    return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask
+
+
+def ppo_advantages(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: RLConfig,
+    reduce: Reduce,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(advantages, returns, per-token KL) for one process's rows."""
+    if ref_logprobs is None:
+        kl = torch.zeros_like(logprobs)
+    else:
+        kl = kl_penalty(logprobs, ref_logprobs, cfg.kl_estimator) * mask
+    rewards = terminal_rewards(scores, kl, mask, cfg.kl_coef)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = whiten_global(advantages, mask, reduce)
+    return advantages, returns, kl

@@ -1,0 +1,162 @@
+"""Rollouts: sample completions, grade them, and score the sampled tokens under policy and reference.
+
+A batch is laid out as [left padding][prompt] (P columns) then [response][right padding] (R columns),
+so every response starts at column P and per-token tensors are [rows, R].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rft_core.generation import generate
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM and (PPO) a scalar value head on its final hidden state: a shared trunk.
+
+    The head starts at zero, so the first values are 0 and the critic learns from the returns.
+    Wrapping both in one module lets data-parallel training synchronise both.
+    """
+
+    def __init__(self, policy: nn.Module, with_value_head: bool):
+        super().__init__()
+        self.policy = policy
+        self.value_head: nn.Linear | None = None
+        if with_value_head:
+            hidden = policy.config.hidden_size
+            dtype = next(policy.parameters()).dtype
+            self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        return score_tokens(
+            self.policy, input_ids, attention_mask, response_length, temperature, self.value_head
+        )
+
+
+def score_tokens(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    temperature: float = 1.0,
+    value_head: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Log-probabilities of the response tokens (at the sampling temperature), values, entropy.
+
+    Only the last R+1 positions' logits are computed (`logits_to_keep`): long prompts cost no
+    vocabulary-sized logits.
+    """
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=value_head is not None,
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1].float() / temperature
+    targets = input_ids[:, -response_length:]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(-1)
+    values = None
+    if value_head is not None:
+        hidden = out.hidden_states[-1][:, -response_length - 1 : -1]
+        values = value_head(hidden).squeeze(-1).float()
+    return logprobs, values, entropy
+
+
+@dataclass
+class Rollout:
+    """One process's share of an iteration's samples and everything the update needs."""
+
+    input_ids: torch.Tensor  # [N, P + R]
+    attention_mask: torch.Tensor  # [N, P + R]
+    response_mask: torch.Tensor  # [N, R]: real response tokens of validly graded samples
+    item_indices: list[int]  # training item of each row
+    texts: list[str]  # decoded completions
+    scores: torch.Tensor  # [N] grader rewards (0 where the grader failed; see `graded`)
+    graded: torch.Tensor  # [N] bool: the grader returned a reward
+    stopped: list[bool]  # the completion ended with EOS
+    logprobs: torch.Tensor | None = None  # [N, R] policy at sampling time
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+    @property
+    def response_length(self) -> int:
+        return self.response_mask.shape[1]
+
+
+def pack(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[left-padded prompts | right-padded completions] ids, attention mask, response mask."""
+    width_p = max(len(p) for p in prompts)
+    width_r = max(1, max(len(c) for c in completions))
+    n = len(prompts)
+    input_ids = torch.full((n, width_p + width_r), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros((n, width_r), dtype=torch.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        input_ids[i, width_p - len(p) : width_p] = torch.as_tensor(list(p), dtype=torch.long)
+        attention_mask[i, width_p - len(p) : width_p] = 1
+        if c:
+            input_ids[i, width_p : width_p + len(c)] = torch.as_tensor(list(c), dtype=torch.long)
+            attention_mask[i, width_p : width_p + len(c)] = 1
+            response_mask[i, : len(c)] = 1
+    return input_ids, attention_mask, response_mask
+
+
+def sample_rollout(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    item_indices: Sequence[int],
+    *,
+    samples_per_prompt: int,
+    seeds: torch.Tensor,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    batch_size: int,
+) -> tuple[list[list[int]], list[int], list[list[int]], list[bool]]:
+    """Generate `samples_per_prompt` completions per prompt, in generation batches.
+
+    Returns per row: its prompt ids, item index, completion ids, stopped-on-EOS.
+    """
+    k = samples_per_prompt
+    rows_prompts, rows_items, rows_completions, rows_stopped = [], [], [], []
+    per_batch = max(1, batch_size // k)
+    for start in range(0, len(prompts), per_batch):
+        chunk = range(start, min(len(prompts), start + per_batch))
+        out = generate(
+            model,
+            [prompts[i] for i in chunk],
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+            max_new_tokens=max_new_tokens,
+            num_samples=k,
+            temperature=temperature,
+            top_k=top_k,
+            seeds=seeds[start * k : (start + len(chunk)) * k],
+        )
+        for j, i in enumerate(chunk):
+            for s in range(k):
+                rows_prompts.append(list(prompts[i]))
+                rows_items.append(item_indices[i])
+                rows_completions.append(out.completions[j * k + s])
+                rows_stopped.append(out.stopped[j * k + s])
+    return rows_prompts, rows_items, rows_completions, rows_stopped

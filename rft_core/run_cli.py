@@ -1,0 +1,144 @@
+"""`rft run` (the whole pipeline as a Prefect flow) and `rft train` (one training stage, for
+`accelerate launch` on several processes or GPUs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from rft_core.config import ConfigError, RFTConfig
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config file (default: the built-in demo).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a field: section.key=value (repeatable)."),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def load_config(config: Path | None, overrides: list[str] | None) -> RFTConfig:
+    try:
+        return RFTConfig.load(config, overrides or [])
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Stage progress lines (rft.*) go to the terminal and, inside a flow, to Prefect's logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rft")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("rft").setLevel(logging.INFO)
+
+
+def run_cmd(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached stage results; recompute everything.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Run the pipeline: validate, split, SFT, RL, evaluate, register, promote."""
+    _quiet_libraries()
+    cfg = load_config(config, set_)
+    from flows.pipeline import rft_pipeline
+    from rft_core import tracking
+
+    try:
+        summary = rft_pipeline(config=cfg, fresh=fresh)
+    except tracking.TrackingUnavailable as exc:
+        raise _fail(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1, default=str))
+        return
+    print_summary(summary)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    console = Console()
+    metrics = summary["metrics"]
+    table = Table(title="Validation set", title_justify="left")
+    table.add_column("model")
+    keys = [k for k in ("accuracy", "reward_mean", "grader_errors", "response_length") if any(k in m for m in metrics.values())]
+    keys += sorted({k for m in metrics.values() for k in m if k.startswith(("pass@", "maj@"))})
+    for key in keys:
+        table.add_column(key, justify="right")
+    for name, values in metrics.items():
+        table.add_row(name, *(f"{values[k]:.3f}" if k in values else "" for k in keys))
+    console.print(table)
+    if "sft" in metrics and "rl" in metrics:
+        gain = 100 * (metrics["rl"]["accuracy"] - metrics["sft"]["accuracy"])
+        console.print(f"RL vs warm-up SFT: {gain:+.1f} points of validation accuracy")
+    times = Table(title="Time per stage (s)", title_justify="left")
+    for name in summary["seconds"]:
+        times.add_column(name, justify="right")
+    times.add_row(*(f"{v:.1f}" for v in summary["seconds"].values()))
+    console.print(times)
+    console.print(f"MLflow run: {summary['mlflow_run_id']}  ({summary['tracking_uri']})")
+    from rft_core.tracking import ui_command
+
+    console.print(f"Look at it: {ui_command(summary['tracking_uri'])}")
+    if "registered" in summary:
+        reg = summary["registered"]
+        console.print(f"Registered {reg['name']} version {reg['version']} (alias challenger)")
+    if "gate" in summary:
+        gate = summary["gate"]
+        console.print(f"Gate: {'promoted to champion' if gate['promoted'] else 'refused'}: {gate['reason']}")
+    console.print(f"Model directory: {summary['model_dir']}")
+
+
+def train_cmd(
+    stage: Annotated[str, typer.Argument(help="sft or rl")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    init_model: Annotated[
+        str | None, typer.Option("--init-model", help="rl: the model to start from (default: the sft stage's result).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Stage directory (default: under output_dir).")] = None,
+) -> None:
+    """Run one training stage without the orchestrator; works under `accelerate launch`."""
+    _quiet_libraries()
+    if stage not in ("sft", "rl"):
+        raise _fail(f"stage {stage!r}: expected sft or rl")
+    cfg = load_config(config, set_)
+    from accelerate import Accelerator
+
+    from rft_core import stages
+    from rft_core.data import read_items
+    from rft_core.models import pick_device, pick_dtype
+    from rft_core.rl.trainer import run_rl
+    from rft_core.sft import make_accelerator, run_sft
+
+    device = pick_device(cfg.model.device)
+    accelerator: Accelerator = make_accelerator(device, pick_dtype(cfg.model.dtype, device))
+    # Data stages and the tiny model are prepared once, by the main process; the others wait.
+    with accelerator.main_process_first():
+        data = stages.validate_stage(cfg)
+        split = stages.split_stage(cfg, data)
+        base = stages.base_model_path(cfg, split)
+    train, val = read_items(split.train_items), read_items(split.val_items)
+    if stage == "sft":
+        work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
+        result = run_sft(cfg, train, val, base, work, accelerator=accelerator)
+    else:
+        start = init_model or base
+        work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, stages.ModelRecord(stages.hash_of(start), "sft", start)))
+        result = run_rl(cfg, train, val, start, work, accelerator=accelerator)
+    if accelerator.is_main_process:
+        typer.echo(json.dumps({"model_dir": result.model_dir, "metrics": result.metrics}, indent=1))

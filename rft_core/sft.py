@@ -1,0 +1,431 @@
+"""Warm-up SFT: supervised fine-tuning on the items that carry a worked solution.
+
+Loss on the solution tokens only (prompt masked), normalised by the number of target tokens in the
+whole optimizer step across all processes, so 1 process with batch 8 and 2 processes with batch 4
+compute the same update. AdamW with warm-up and decay, gradient clipping, periodic validation,
+checkpoints, resume, and the best-validation checkpoint kept. Runs on `accelerate` (CPU, one GPU,
+or `accelerate launch` over several processes).
+
+The same loop pretrains the tiny model on generated documents (`train_language_model`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from rft_core.checkpoint import latest_checkpoint, load_optimizer_states, load_state, save_checkpoint
+from rft_core.config import RFTConfig, SFTConfig
+from rft_core.models import (
+    add_lora,
+    encode_completion,
+    encode_prompt,
+    load_model,
+    load_tokenizer,
+    merge_lora,
+    pick_device,
+    pick_dtype,
+    render_prompt,
+    save_model,
+)
+
+logger = logging.getLogger("rft.sft")
+
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class Example:
+    """One training sequence: prompt tokens (no loss) then completion tokens (loss)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+@dataclass
+class StageResult:
+    """What a training stage leaves behind: the model directory and its final metrics."""
+
+    model_dir: str
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+
+
+def solution_target(solution: str, reference: str) -> str:
+    """The SFT target: the worked solution, ending with the `#### answer` line it implies."""
+    solution = solution.rstrip()
+    if "####" in solution:
+        return solution
+    return f"{solution}\n#### {reference}"
+
+
+def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: RFTConfig) -> list[Example]:
+    """Examples from the rows that carry a worked solution; prompts are cut from the left to fit."""
+    examples = []
+    has_messages = "messages" in frame.columns
+    for _, row in frame.iterrows():
+        solution = row.get("solution")
+        if not isinstance(solution, str) or not solution.strip():
+            continue
+        messages = row["messages"] if has_messages else None
+        messages = list(messages) if isinstance(messages, list | tuple) and len(messages) else None
+        prompt = encode_prompt(tokenizer, cfg.model, render_prompt(tokenizer, cfg.model, row["prompt"], messages))
+        completion = encode_completion(tokenizer, solution_target(solution, str(row["reference"])))
+        completion = completion[: cfg.sft.max_length - 1]
+        prompt = prompt[-(cfg.sft.max_length - len(completion)):]
+        examples.append(Example(prompt, completion))
+    return examples
+
+
+def document_examples(
+    documents: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[Example]:
+    """Language-model examples: loss on every token of each document after BOS."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [Example(bos, encode_completion(tokenizer, doc)[: max_length - len(bos)]) for doc in documents]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (-100 on prompt and padding)."""
+    width = max(len(e.prompt_ids) + len(e.completion_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids = e.prompt_ids + e.completion_ids
+        input_ids[i, : len(ids)] = torch.as_tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, len(e.prompt_ids) : len(ids)] = torch.as_tensor(e.completion_ids)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def token_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over label tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((targets != -100).sum())
+
+
+def step_positions(step: int, global_batch: int, n: int, seed: int) -> list[int]:
+    """Example indices of optimizer step `step`: a seeded permutation per epoch, concatenated."""
+    out, start = [], step * global_batch
+    cache: dict[int, list[int]] = {}
+    for pos in range(start, start + global_batch):
+        epoch = pos // n
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(n, generator=g).tolist()
+        out.append(cache[epoch][pos % n])
+    return out
+
+
+def make_accelerator(device: torch.device, dtype: torch.dtype) -> Accelerator:
+    mixed = "bf16" if (device.type == "cuda" and dtype == torch.bfloat16) else "no"
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(next(model.parameters()).device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
+        loss, n = token_nll_sum(model, batch)
+        total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def train_examples(
+    *,
+    make_model: Callable[[Path | None], torch.nn.Module],
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    settings: SFTConfig,
+    out_dir: str | Path,
+    accelerator: Accelerator,
+    log: LogFn | None = None,
+    evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
+    """The supervised loop. Returns the trained model (best checkpoint's weights when
+    `settings.keep_best` and validation ran), the metric history and the final state.
+
+    `make_model(checkpoint_model_dir or None)` builds the trainable model: from the base, or from a
+    checkpoint's `model/` directory when resuming.
+    """
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    world = accelerator.num_processes
+    rank = accelerator.process_index
+    micro = settings.batch_size
+    global_batch = micro * settings.grad_accum * world
+    n = len(examples)
+    if n == 0:
+        raise ValueError("no training examples (SFT needs items with a worked solution)")
+    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * n / global_batch))
+
+    resume_from = latest_checkpoint(ckpt_root)
+    model = make_model(resume_from / "model" if resume_from else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule_name = {"constant": "constant_with_warmup"}.get(settings.lr_scheduler, settings.lr_scheduler)
+    scheduler = get_scheduler(
+        schedule_name, optimizer, num_warmup_steps=int(settings.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    state: dict[str, Any] = {"history": [], "best": None, "best_step": None}
+    start_step = 0
+    if resume_from is not None:
+        load_optimizer_states(resume_from, optimizer, scheduler)
+        state = load_state(resume_from)
+        start_step = state.pop("step")
+        logger.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    pad_id = tokenizer.pad_token_id
+    best_dir = out_dir / "best"
+
+    def run_eval(step: int) -> None:
+        if evaluate_fn is None:
+            return
+        metrics = evaluate_fn(accelerator.unwrap_model(model))
+        entry = {"step": step, **metrics}
+        state["history"].append(entry)
+        if log and accelerator.is_main_process:
+            log(metrics, step)
+        rank = selection_key(metrics)
+        if settings.keep_best and (state["best"] is None or rank > tuple(state["best"])):
+            state["best"], state["best_step"] = list(rank), step
+            if accelerator.is_main_process:
+                shutil.rmtree(best_dir, ignore_errors=True)
+                accelerator.unwrap_model(model).save_pretrained(str(best_dir), safe_serialization=True)
+        accelerator.wait_for_everyone()
+
+    if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
+        run_eval(0)
+    model.train()
+    report_every = max(1, total_steps // 20)
+    started = time.perf_counter()
+    tokens_seen = 0
+    for step in range(start_step, total_steps):
+        # Per-step seed: dropout and friends replay exactly after a resume.
+        torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
+        positions = step_positions(step, global_batch, n, settings.seed)
+        step_examples = [examples[i] for i in positions]
+        target_tokens = sum(len(e.completion_ids) for e in step_examples)
+        loss_total = 0.0
+        for m in range(settings.grad_accum):
+            block = step_examples[m * micro * world : (m + 1) * micro * world]
+            mine = block[rank * micro : (rank + 1) * micro]
+            batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
+            sync = m == settings.grad_accum - 1
+            with accelerator.no_sync(model) if (world > 1 and not sync) else _null():
+                with accelerator.autocast():
+                    nll, _ = token_nll_sum(model, batch)
+                # DDP averages gradients over processes; scaling by world makes it a sum, so the
+                # update is the token-mean over the whole step.
+                loss = nll * world / target_tokens
+                accelerator.backward(loss)
+            loss_total += float(nll)
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        step_loss = _sum_over_processes(accelerator, loss_total) / target_tokens  # a collective: every rank
+        if log and accelerator.is_main_process:
+            elapsed = time.perf_counter() - started
+            log(
+                {
+                    "loss": step_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+                },
+                done,
+            )
+        if done % report_every == 0 or done == total_steps:
+            logger.info("step %d/%d", done, total_steps)
+        if settings.eval_interval and done % settings.eval_interval == 0 and done != total_steps:
+            run_eval(done)
+        last = done == total_steps
+        if last:
+            run_eval(done)
+        if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    ckpt_root, done, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
+                    optimizer=optimizer, scheduler=scheduler, state=state,
+                )
+            accelerator.wait_for_everyone()
+
+    model = accelerator.unwrap_model(model)
+    if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
+        model = _load_weights_from(model, best_dir)
+    return model, state["history"], state
+
+
+def selection_key(metrics: dict[str, float]) -> tuple[float, float, float]:
+    """How checkpoints are ranked: validation accuracy, then mean reward, then lower loss."""
+    return (
+        metrics.get("val_accuracy", 0.0),
+        metrics.get("val_reward_mean", 0.0),
+        -metrics.get("val_loss", 0.0),
+    )
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _sum_over_processes(accelerator: Accelerator, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return value
+    t = torch.tensor([value], device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="sum"))
+
+
+def _load_weights_from(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
+    """Load saved weights (full model or adapter) from `directory` into `model`."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        return model
+    files = sorted(directory.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"best checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def run_sft(
+    cfg: RFTConfig,
+    train: pd.DataFrame,
+    val: pd.DataFrame,
+    base_model: str | Path,
+    out_dir: str | Path,
+    *,
+    log: LogFn | None = None,
+    grader: Any | None = None,
+    accelerator: Accelerator | None = None,
+) -> StageResult:
+    """Warm-up SFT from `base_model` on `train` items with solutions; validates on `val`.
+
+    The result directory (`out_dir/model`) holds a full model: a LoRA warm-up is merged into the
+    weights, so that the RL stage's adapters-off reference is exactly this model.
+    """
+    from rft_core.evaluate import evaluate
+    from rft_core.graders import build_grader
+
+    out_dir = Path(out_dir)
+    device = pick_device(cfg.model.device)
+    dtype = pick_dtype(cfg.model.dtype, device)
+    accelerator = accelerator or make_accelerator(device, dtype)
+    tokenizer = load_tokenizer(base_model, cfg.model)
+    examples = sft_examples(train, tokenizer, cfg)
+    val_examples = sft_examples(val, tokenizer, cfg)
+    own_grader = grader is None
+    if own_grader:
+        grader = build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
+    logger.info("SFT on %d items with solutions (of %d)", len(examples), len(train))
+
+    def make_model(checkpoint: Path | None) -> torch.nn.Module:
+        model = load_model(base_model, cfg.model, device=accelerator.device, dtype=dtype)
+        if cfg.model.lora.enabled:
+            if checkpoint is not None:
+                from peft import PeftModel
+
+                return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+            return add_lora(model, cfg.model)
+        if checkpoint is not None:
+            return load_model(checkpoint, cfg.model, device=accelerator.device, dtype=dtype)
+        return model
+
+    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+        report = evaluate(model, tokenizer, val, grader, cfg, k=0, accelerator=accelerator)
+        metrics = {f"val_{k}": report.metrics[k] for k in ("accuracy", "reward_mean", "grader_errors")}
+        if val_examples:
+            metrics["val_loss"] = validation_loss(model, val_examples, tokenizer.pad_token_id, cfg.sft.batch_size)
+        return metrics
+
+    try:
+        model, history, state = train_examples(
+            make_model=make_model, tokenizer=tokenizer, examples=examples, settings=cfg.sft,
+            out_dir=out_dir, accelerator=accelerator, log=log, evaluate_fn=evaluate_fn,
+        )
+    finally:
+        if own_grader and hasattr(grader, "close"):
+            grader.close()
+    final = _final_metrics(history, state)
+    model_dir = out_dir / "model"
+    if accelerator.is_main_process:
+        save_model(merge_lora(model), tokenizer, model_dir)
+        (out_dir / "result.json").write_text(json.dumps({"metrics": final, "history": history}, indent=1))
+    accelerator.wait_for_everyone()
+    return StageResult(str(model_dir), final, history)
+
+
+def _final_metrics(history: list[dict[str, float]], state: dict[str, Any]) -> dict[str, float]:
+    """Metrics of the model the stage returns: the best evaluation when keep_best chose it."""
+    if not history:
+        return {}
+    chosen = history[-1]
+    if state.get("best_step") is not None:
+        chosen = next(h for h in history if h["step"] == state["best_step"])
+    return {k: float(v) for k, v in chosen.items()}
+
+
+def train_language_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    documents: Sequence[str],
+    settings: SFTConfig,
+    out_dir: str | Path,
+    *,
+    log: LogFn | None = None,
+) -> torch.nn.Module:
+    """Plain causal-LM training on `documents` (the tiny model's pretraining), in one process."""
+    device = next(model.parameters()).device
+    accelerator = make_accelerator(device, next(model.parameters()).dtype)
+    examples = document_examples(documents, tokenizer, settings.max_length)
+
+    def make_model(checkpoint: Path | None) -> torch.nn.Module:
+        if checkpoint is not None:
+            return load_model(checkpoint, device=device)
+        return model
+
+    trained, _, _ = train_examples(
+        make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
+        out_dir=out_dir, accelerator=accelerator, log=log,
+    )
+    return trained

@@ -1,0 +1,484 @@
+"""The pipeline's stages as plain functions: validate, split, sft, rl, evaluate, register, promote.
+
+Each stage takes the config and the small records of the stages before it, works in a directory of
+its own named by its key, tracks itself in MLflow as a child run of the pipeline run (when one is
+given), and returns a small JSON-serialisable record (paths, digests, metrics, run ids) for the
+next stage. A stage's key hashes the config sections it reads, its inputs' digests and the code
+version: the same key means the same result, so orchestration can cache on it, and a training
+stage interrupted mid-way finds its checkpoints again in the same directory.
+
+No Prefect here: `tasks/` wraps these functions, `bench/overhead.py` calls them directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rft_core import tracking
+from rft_core.config import RFTConfig
+
+logger = logging.getLogger("rft.stages")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _code_version() -> str:
+    """A digest of rft_core's source: editing the code invalidates cached stage results."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+CODE_VERSION = _code_version()
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def hash_of(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# The config fields each stage reads. A change elsewhere does not invalidate the stage.
+_SPLIT_FIELDS = ("val_fraction", "val_size", "seed", "max_items", "near_duplicate_threshold")
+
+
+def validate_key(cfg: RFTConfig) -> str:
+    data = cfg.data.model_dump(mode="json")
+    for name in _SPLIT_FIELDS:
+        data.pop(name)
+    files = {}
+    for name in ("train_path", "val_path"):
+        path = getattr(cfg.data, name)
+        if path is not None and Path(path).is_file():
+            files[name] = file_digest(path)
+    if cfg.data.train_path is not None:
+        data.pop("synthetic")
+    return hash_of("validate", data, files, numeric_grader(cfg), CODE_VERSION)
+
+
+def split_key(cfg: RFTConfig, data: DataRecord) -> str:
+    fields = {name: getattr(cfg.data, name) for name in _SPLIT_FIELDS}
+    return hash_of("split", data.digest, fields, CODE_VERSION)
+
+
+def sft_key(cfg: RFTConfig, split: SplitRecord) -> str:
+    sections = cfg.model_dump(mode="json", include={"model", "sft", "grader", "eval", "seed"})
+    return hash_of("sft", split.digest, sections, CODE_VERSION)
+
+
+def rl_key(cfg: RFTConfig, sft: ModelRecord) -> str:
+    return hash_of("rl", sft.key, cfg.model_dump(mode="json", include={"rl"}), CODE_VERSION)
+
+
+def evaluate_key(cfg: RFTConfig, models: dict[str, ModelRecord]) -> str:
+    sections = cfg.model_dump(mode="json", include={"eval", "grader"})
+    return hash_of("evaluate", {k: m.key for k, m in models.items()}, sections, CODE_VERSION)
+
+
+def numeric_grader(cfg: RFTConfig) -> bool:
+    """References must hold a number when the grader compares numbers."""
+    return cfg.grader.resolved_spec().get("type") == "numeric_match"
+
+
+def stage_dir(cfg: RFTConfig, stage: str, key: str) -> Path:
+    path = Path(cfg.output_dir).resolve() / "stages" / f"{stage}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class DataRecord:
+    key: str
+    train_items: str  # parquet of the clean training items
+    val_items: str | None  # parquet of the clean validation file's items, when one was given
+    digest: str
+    reports: dict[str, dict[str, Any]]
+    run_id: str | None = None
+
+
+@dataclass
+class SplitRecord:
+    key: str
+    train_items: str
+    val_items: str
+    manifest: str
+    digest: str  # the manifest's digest: names exactly which items are in which set
+    val_digest: str  # content digest of the validation items (the registry gate compares on it)
+    n_train: int
+    n_val: int
+    leakage: int
+    run_id: str | None = None
+
+
+@dataclass
+class ModelRecord:
+    key: str
+    stage: str
+    model_dir: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    run_id: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class EvalRecord:
+    key: str
+    metrics: dict[str, dict[str, float]]  # model name (sft, rl) -> metrics
+    report: str  # markdown table
+    run_id: str | None = None
+
+
+@dataclass
+class RegisterRecord:
+    name: str
+    version: int
+    model_uri: str
+
+
+def to_dict(record: Any) -> dict[str, Any]:
+    return asdict(record)
+
+
+# --------------------------------------------------------------------------- tracking glue
+
+
+@dataclass
+class Tracking:
+    """Where a stage reports: the pipeline's parent run, or nowhere (parent None)."""
+
+    parent_run_id: str | None = None
+    tracking_uri: str | None = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str, params: dict[str, Any] | None = None) -> Iterator[str | None]:
+        if self.parent_run_id is None:
+            yield None
+            return
+        run_id = tracking.start_stage_run(self.parent_run_id, name, params, tracking_uri=self.tracking_uri)
+        try:
+            yield run_id
+        except BaseException:
+            tracking.end_run(run_id, "FAILED", tracking_uri=self.tracking_uri)
+            raise
+        tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
+
+    def logger(self, run_id: str | None, prefix: str):
+        return tracking.metrics_logger(run_id, prefix, tracking_uri=self.tracking_uri) if run_id else None
+
+
+def _log_metrics(track: Tracking, run_id: str | None, prefix: str, metrics: dict[str, float], step: int = 0) -> None:
+    log = track.logger(run_id, prefix)
+    if log is not None:
+        log(metrics, step)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def validate_stage(cfg: RFTConfig, track: Tracking | None = None) -> DataRecord:
+    """Validate the training (and validation) file; clean items go on, rejects are kept aside.
+
+    With no `data.train_path`, the built-in synthetic task is generated first (train + validation).
+    """
+    from rft_core.data import DataError, frame_digest, validate_file, write_items
+    from rft_core.data.synthetic import write_synthetic
+
+    track = track or Tracking()
+    key = validate_key(cfg)
+    work = stage_dir(cfg, "validate", key)
+    train_path, val_path = cfg.data.train_path, cfg.data.val_path
+    if train_path is None:
+        train_path, val_path = (str(p) for p in write_synthetic(cfg.data.synthetic, work / "synthetic"))
+    numeric = numeric_grader(cfg)
+    with track.stage("validate", {"data": cfg.data.model_dump(mode="json")}) as run_id:
+        reports, frames = {}, {}
+        for role, path in (("train", train_path), ("validation", val_path)):
+            if path is None:
+                continue
+            report = validate_file(path, cfg.data, rejects_path=work / f"{role}.rejects.jsonl", numeric=numeric)
+            reports[role] = {k: v for k, v in report.to_dict().items() if k != "problems"} | {
+                "problems": report.to_dict()["problems"][:200]
+            }
+            if report.valid == 0:
+                raise DataError(f"{path}: no valid rows ({report.rejected} rejected; see {report.rejects_path})")
+            frames[role] = report.frame
+            (work / f"{role}.report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+            if report.rejected:
+                logger.warning("%s: %d of %d rows rejected (see %s)", path, report.rejected, report.rows, report.rejects_path)
+        write_items(frames["train"], work / "train.parquet")
+        if "validation" in frames:
+            write_items(frames["validation"], work / "validation.parquet")
+        digest = hash_of({role: frame_digest(frame) for role, frame in frames.items()})
+        record = DataRecord(
+            key=key,
+            train_items=str(work / "train.parquet"),
+            val_items=str(work / "validation.parquet") if "validation" in frames else None,
+            digest=digest,
+            reports=reports,
+            run_id=run_id,
+        )
+        if run_id:
+            metrics = {}
+            for role, rep in reports.items():
+                metrics.update({f"{role}_rows": rep["rows"], f"{role}_valid": rep["valid"], f"{role}_rejected": rep["rejected"]})
+            _log_metrics(track, run_id, "validate", metrics)
+            for role, path in (("train", train_path), ("validation", val_path)):
+                if path is not None:
+                    tracking.log_dataset(
+                        run_id, str(path), name=f"{role}:{Path(path).name}", digest=file_digest(path),
+                        context=role, tracking_uri=track.tracking_uri,
+                    )
+            for report_file in work.glob("*.json*"):
+                tracking.log_artifact(run_id, report_file, "validation", tracking_uri=track.tracking_uri)
+            tracking.set_tags(run_id, {"data_digest": digest}, tracking_uri=track.tracking_uri)
+    return record
+
+
+def split_stage(cfg: RFTConfig, data: DataRecord, track: Tracking | None = None) -> SplitRecord:
+    """Split into train and validation (or take the validation file), save the manifest."""
+    from rft_core.data import frame_digest, read_items, split_items, write_items
+
+    track = track or Tracking()
+    key = split_key(cfg, data)
+    work = stage_dir(cfg, "split", key)
+    with track.stage("split") as run_id:
+        frame = read_items(data.train_items)
+        val_frame = read_items(data.val_items) if data.val_items else None
+        result = split_items(frame, cfg.data, val_frame)
+        write_items(result.train, work / "train.parquet")
+        write_items(result.val, work / "validation.parquet")
+        result.manifest.save(work / "manifest.json")
+        (work / "split.json").write_text(json.dumps(result.to_dict(), indent=1, default=str))
+        if result.leakage:
+            logger.warning("%d possible train/validation leaks (near-duplicates); see %s", len(result.leakage), work / "split.json")
+        record = SplitRecord(
+            key=key,
+            train_items=str(work / "train.parquet"),
+            val_items=str(work / "validation.parquet"),
+            manifest=str(work / "manifest.json"),
+            digest=result.manifest.digest,
+            val_digest=frame_digest(result.val),
+            n_train=len(result.train),
+            n_val=len(result.val),
+            leakage=len(result.leakage),
+            run_id=run_id,
+        )
+        if run_id:
+            uri = track.tracking_uri
+            _log_metrics(track, run_id, "split", {"train_items": record.n_train, "val_items": record.n_val, "leakage_pairs": record.leakage})
+            tracking.log_artifact(run_id, work / "manifest.json", "split", tracking_uri=uri)
+            tracking.log_artifact(run_id, work / "split.json", "split", tracking_uri=uri)
+            tracking.log_dataset(run_id, result.train, "train", frame_digest(result.train), "train", source=work / "train.parquet", tracking_uri=uri)
+            tracking.log_dataset(run_id, result.val, "validation", record.val_digest, "validation", source=work / "validation.parquet", tracking_uri=uri)
+            tracking.set_tags(run_id, {"data_digest": record.val_digest}, tracking_uri=uri)
+            tracking.set_tags(track.parent_run_id, {"data_digest": record.val_digest}, tracking_uri=uri)
+    return record
+
+
+def base_model_path(cfg: RFTConfig, split: SplitRecord, log=None) -> str:
+    """The model training starts from: the hub id / path, or the built (cached) tiny model."""
+    if cfg.model.name_or_path != "tiny":
+        return cfg.model.name_or_path
+    from rft_core.data import read_items
+    from rft_core.tiny import prepare_tiny_model
+
+    train, val = read_items(split.train_items), read_items(split.val_items)
+    texts = list(train["prompt"]) + [s for s in train["solution"] if isinstance(s, str)]
+    cache = Path(cfg.output_dir).resolve() / "cache"
+    return str(prepare_tiny_model(cfg, texts, cache, exclude_prompts=set(val["prompt"]), log=log))
+
+
+def sft_stage(cfg: RFTConfig, split: SplitRecord, track: Tracking | None = None) -> ModelRecord:
+    """Warm-up SFT on the items with worked solutions (or the base model when SFT is off)."""
+    from rft_core.data import read_items
+    from rft_core.sft import run_sft
+
+    track = track or Tracking()
+    key = sft_key(cfg, split)
+    work = stage_dir(cfg, "sft", key)
+    started = time.perf_counter()
+    params = {"model": cfg.model.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json")}
+    with track.stage("sft", params) as run_id:
+        base = base_model_path(cfg, split, log=track.logger(run_id, "pretrain"))
+        if not cfg.sft.enabled:
+            return ModelRecord(key, "sft", base, run_id=run_id, seconds=time.perf_counter() - started)
+        train, val = read_items(split.train_items), read_items(split.val_items)
+        result = run_sft(cfg, train, val, base, work, log=track.logger(run_id, "sft"))
+        record = ModelRecord(key, "sft", result.model_dir, result.metrics, run_id=run_id)
+        if run_id:
+            _log_metrics(track, run_id, "sft", {f"final_{k}": v for k, v in result.metrics.items() if k != "step"})
+            if cfg.tracking.log_models:
+                record.model_uri = tracking.log_model(run_id, result.model_dir, tracking_uri=track.tracking_uri)
+        record.seconds = time.perf_counter() - started
+    return record
+
+
+def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracking | None = None) -> ModelRecord:
+    """PPO or GRPO with the grader, from the warm-up model."""
+    from rft_core.data import read_items
+    from rft_core.rl.trainer import run_rl
+
+    track = track or Tracking()
+    key = rl_key(cfg, sft)
+    work = stage_dir(cfg, "rl", key)
+    started = time.perf_counter()
+    with track.stage("rl", {"rl": cfg.rl.model_dump(mode="json"), "grader": cfg.grader.resolved_spec()}) as run_id:
+        train, val = read_items(split.train_items), read_items(split.val_items)
+        result = run_rl(cfg, train, val, sft.model_dir, work, log=track.logger(run_id, "rl"))
+        record = ModelRecord(key, "rl", result.model_dir, result.metrics, run_id=run_id)
+        if run_id and cfg.tracking.log_models:
+            record.model_uri = tracking.log_model(run_id, result.model_dir, tracking_uri=track.tracking_uri)
+        record.seconds = time.perf_counter() - started
+    return record
+
+
+def evaluate_model_dir(cfg: RFTConfig, model_dir: str | Path, frame: Any, grader: Any = None):
+    """Load a model directory and evaluate it on `frame` with the config's eval section."""
+    from rft_core.models import load_model, load_tokenizer
+
+    return evaluate_loaded(cfg, load_model(model_dir, cfg.model), load_tokenizer(model_dir, cfg.model), frame, grader)
+
+
+def evaluate_loaded(cfg: RFTConfig, model: Any, tokenizer: Any, frame: Any, grader: Any = None):
+    from rft_core.evaluate import evaluate
+    from rft_core.graders import build_grader
+    from rft_core.models import pick_device
+
+    model = model.to(pick_device(cfg.model.device))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    own = grader is None
+    grader = grader or build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
+    try:
+        return evaluate(model, tokenizer, frame, grader, cfg)
+    finally:
+        if own:
+            grader.close()
+
+
+def evaluation_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A markdown table: one row per model, one column per metric."""
+    names = list(metrics)
+    keys = sorted({k for m in metrics.values() for k in m})
+    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name in names:
+        cells = [f"{metrics[name][k]:.4g}" if k in metrics[name] else "" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_stage(
+    cfg: RFTConfig, split: SplitRecord, models: dict[str, ModelRecord], track: Tracking | None = None
+) -> EvalRecord:
+    """Evaluate each model (e.g. sft and rl) on the validation set with the full eval section."""
+    from rft_core.data import read_items
+    from rft_core.graders import build_grader
+
+    track = track or Tracking()
+    key = evaluate_key(cfg, models)
+    work = stage_dir(cfg, "evaluate", key)
+    val = read_items(split.val_items)
+    results: dict[str, dict[str, float]] = {}
+    with track.stage("evaluate", {"eval": cfg.eval.model_dump(mode="json")}) as run_id:
+        grader = build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
+        try:
+            for name, record in models.items():
+                report = evaluate_model_dir(cfg, record.model_dir, val, grader)
+                results[name] = report.metrics
+                (work / f"samples_{name}.json").write_text(json.dumps(report.samples, indent=1))
+                if run_id:
+                    final = name == list(models)[-1]
+                    prefix = "eval" if final else f"eval/{name}"
+                    _log_metrics(track, run_id, prefix, report.metrics)
+                    if final:
+                        _log_metrics(track, track.parent_run_id, "eval", report.metrics)
+                    tracking.log_table(run_id, report.samples, f"samples_{name}.json", tracking_uri=track.tracking_uri)
+        finally:
+            grader.close()
+        table = evaluation_table(results)
+        (work / "report.md").write_text(table + "\n")
+        (work / "metrics.json").write_text(json.dumps(results, indent=1))
+        if run_id:
+            tracking.log_artifact(run_id, work / "report.md", tracking_uri=track.tracking_uri)
+            tracking.log_artifact(run_id, work / "metrics.json", tracking_uri=track.tracking_uri)
+    return EvalRecord(key, results, table, run_id)
+
+
+def register_stage(
+    cfg: RFTConfig, split: SplitRecord, final: ModelRecord, evaluation: EvalRecord, track: Tracking
+) -> RegisterRecord:
+    """Register the trained model as a new version (alias `challenger`), tagged with its metrics."""
+    if track.parent_run_id is None or final.model_uri is None:
+        raise ValueError("registering needs MLflow tracking and a logged model (tracking.log_models)")
+    metrics = {f"eval/{k}": v for k, v in evaluation.metrics[final.stage].items()}
+    version = tracking.register_model(
+        final.model_uri,
+        cfg.registry.model_name,
+        run_id=final.run_id,
+        metrics=metrics,
+        data_digest=split.val_digest,
+        config_digest=cfg.digest(),
+        tracking_uri=track.tracking_uri,
+    )
+    return RegisterRecord(cfg.registry.model_name, version, f"models:/{cfg.registry.model_name}/{version}")
+
+
+def model_evaluator(cfg: RFTConfig, split: SplitRecord, tracking_uri: str | None):
+    """For the gate: score a registered model on this run's validation items."""
+    from rft_core.data import read_items
+
+    def evaluate_uri(model_uri: str) -> dict[str, float]:
+        model, tokenizer = tracking.load_model(model_uri, tracking_uri=tracking_uri)
+        report = evaluate_loaded(cfg, model, tokenizer, read_items(split.val_items))
+        return {f"eval/{k}": v for k, v in report.metrics.items()}
+
+    return evaluate_uri
+
+
+def promote_stage(
+    cfg: RFTConfig, split: SplitRecord, registered: RegisterRecord, track: Tracking
+) -> tracking.GateDecision:
+    """The gate: move `champion` to the new version only if it beats the champion on this data."""
+    decision = tracking.promotion_gate(
+        registered.name,
+        registered.version,
+        metric=cfg.registry.metric,
+        greater_is_better=cfg.registry.greater_is_better,
+        min_improvement=cfg.registry.min_improvement,
+        data_digest=split.val_digest,
+        evaluate=model_evaluator(cfg, split, track.tracking_uri),
+        tracking_uri=track.tracking_uri,
+    )
+    if track.parent_run_id:
+        tracking.set_tags(
+            track.parent_run_id,
+            {"registry.version": registered.version, "gate.decision": "promoted" if decision.promoted else "refused",
+             "gate.reason": decision.reason},
+            tracking_uri=track.tracking_uri,
+        )
+    return decision

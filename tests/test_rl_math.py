@@ -1,0 +1,117 @@
+"""The RL maths against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from rft_core.config import RLConfig
+from rft_core.rl.advantages import gae, group_advantages, kl_penalty, masked_mean, terminal_rewards, whiten
+from rft_core.rl.losses import ppo_losses
+from rft_core.rl.ppo import ppo_advantages, whiten_global
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+def test_gae_equals_hand_computed_values_for_gamma_1_lambda_095():
+    advantages, returns = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.7]]), t([[1.0, 1.0, 1.0]]), 1.0, 0.95)
+    assert advantages.tolist()[0] == pytest.approx([0.46575, 0.385, 0.3])
+    assert returns.tolist()[0] == pytest.approx([0.96575, 0.985, 1.0])
+
+
+def test_gae_with_discount_and_lambda():
+    advantages, _ = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.7]]), t([[1.0, 1.0, 1.0]]), 0.9, 0.5)
+    assert advantages.tolist()[0] == pytest.approx([0.11425, 0.165, 0.3])
+
+
+def test_gae_ignores_values_and_rewards_after_the_response_ends():
+    advantages, returns = gae(t([[0.0, 1.0, 5.0]]), t([[0.5, 0.6, 9.0]]), t([[1.0, 1.0, 0.0]]), 1.0, 0.95)
+    assert advantages.tolist()[0] == pytest.approx([0.48, 0.4, 0.0])
+    assert returns.tolist()[0] == pytest.approx([0.98, 1.0, 0.0])
+
+
+def test_terminal_rewards_put_the_score_on_each_rows_last_token():
+    kl = t([[0.1, -0.2, 0.3], [0.4, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    rewards = terminal_rewards(t([1.0, 0.5]), kl, mask, kl_coef=0.05)
+    assert rewards.tolist()[0] == pytest.approx([-0.005, 0.01, 0.985])
+    assert rewards.tolist()[1] == pytest.approx([-0.02 + 0.5, 0.0, 0.0])
+
+
+def test_kl_estimators():
+    logp, ref = t([-1.0]), t([-2.0])
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(1.0)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-1) - 1 + 1)
+    assert kl_penalty(ref, ref, "k3").item() == 0.0
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(logp, ref, "k2")
+
+
+def test_whiten_uses_masked_unbiased_statistics():
+    x = t([[1.0, 2.0, 3.0, 4.0, 100.0]])
+    mask = t([[1, 1, 1, 1, 0]])
+    out = whiten(x, mask)
+    std = math.sqrt(5 / 3)
+    assert out.tolist()[0] == pytest.approx([-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std, 0.0], rel=1e-6)
+    same = whiten_global(x, mask, reduce=lambda s: s)
+    assert same.tolist()[0] == pytest.approx(out.tolist()[0], rel=1e-6)
+    assert masked_mean(x, mask).item() == 2.5
+
+
+def test_ppo_policy_loss_clips_the_ratio_in_the_direction_of_the_advantage():
+    old = t([[0.0]])
+    new = t([[math.log(1.5)]])
+    mask = t([[1.0]])
+    up = ppo_losses(new, old, t([[1.0]]), mask, clip_range=0.2)
+    assert up.pg_loss.item() == pytest.approx(-1.2)
+    assert up.clipfrac.item() == 1.0
+    down = ppo_losses(new, old, t([[-1.0]]), mask, clip_range=0.2)
+    assert down.pg_loss.item() == pytest.approx(1.5)
+    assert down.clipfrac.item() == 0.0
+    assert up.approx_kl.item() == pytest.approx(0.5 - math.log(1.5))
+
+
+def test_ppo_value_loss_is_clipped_around_the_old_values():
+    logp = t([[0.0]])
+    out = ppo_losses(
+        logp, logp, t([[0.0]]), t([[1.0]]), clip_range=0.2,
+        values=t([[1.0]]), old_values=t([[0.5]]), returns=t([[2.0]]), vf_clip_range=0.2, vf_coef=5.0,
+    )
+    assert out.vf_loss.item() == pytest.approx(0.5 * 1.69)
+    assert out.loss.item() == pytest.approx(5.0 * 0.845)
+
+
+def test_losses_divide_by_the_global_normaliser():
+    logp = t([[0.0, 0.0]])
+    out = ppo_losses(logp, logp, t([[1.0, 1.0]]), t([[1.0, 1.0]]), clip_range=0.2, normaliser=4.0)
+    assert out.pg_loss.item() == pytest.approx(-0.5)
+
+
+def test_grpo_group_advantages_and_flat_groups():
+    scores = t([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    adv, flat = group_advantages(scores, 4, scale=True, eps=0.0)
+    assert adv.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0])
+    assert flat.tolist() == [False, True]
+    unscaled, _ = group_advantages(scores, 4, scale=False)
+    assert unscaled.tolist()[:4] == pytest.approx([0.75, -0.25, -0.25, -0.25])
+
+
+def test_grpo_ignores_rows_the_grader_failed_on():
+    scores = t([1.0, 0.0, 0.0, 0.0])
+    valid = torch.tensor([True, True, False, False])
+    adv, flat = group_advantages(scores, 4, scale=False, valid=valid)
+    assert adv.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])
+    assert flat.tolist() == [False]
+
+
+def test_ppo_advantages_kl_is_zero_when_policy_equals_reference():
+    logp = t([[-1.0, -2.0, -0.5]])
+    mask = t([[1.0, 1.0, 1.0]])
+    cfg = RLConfig(whiten_advantages=False)
+    advantages, returns, kl = ppo_advantages(t([1.0]), logp, logp.clone(), torch.zeros_like(logp), mask, cfg, lambda s: s)
+    assert kl.abs().sum().item() == 0.0
+    # Zero values, gamma 1: every token's advantage is the (discounted by lambda) terminal score.
+    assert advantages.tolist()[0] == pytest.approx([0.95**2, 0.95, 1.0])
+    assert returns.tolist()[0] == pytest.approx([0.95**2, 0.95, 1.0])

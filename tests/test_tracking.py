@@ -1,0 +1,508 @@
+"""rft_core.tracking against a real MLflow sqlite store: runs, metrics, artifacts, tables, datasets,
+the registry's promotion gate, its lock, rollback, and the registry CLI commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import typer
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from rft_core import tracking
+from rft_core.config import RFTConfig
+from rft_core.registry_cli import models_cmd, promote_cmd, rollback_cmd
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store for the module (creating its tables takes seconds); tests use distinct names."""
+    root = tmp_path_factory.mktemp("mlflow")
+    return f"sqlite:///{root}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _use_store(store: str) -> None:
+    tracking.configure(store)
+
+
+@pytest.fixture(scope="module")
+def model_uri(store: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A logged model the registry tests register as many versions (the gate never loads it)."""
+    model_dir = tmp_path_factory.mktemp("fake_model")
+    (model_dir / "config.json").write_text('{"model_type": "llama"}')
+    (model_dir / "tokenizer.json").write_text("{}")
+    cfg = RFTConfig(experiment="registry-tests")
+    run_id = tracking.start_pipeline_run(cfg, tracking_uri=store)
+    return tracking.log_model(run_id, model_dir, tracking_uri=store)
+
+
+def client(store: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=store, registry_uri=store)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- tracking URI
+
+
+def test_tracking_uri_comes_from_config_then_env_then_local_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = RFTConfig(output_dir=str(tmp_path / "out"))
+    assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path}/out/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(cfg) == "http://127.0.0.1:5000"
+    cfg.tracking.tracking_uri = "sqlite:////elsewhere/x.db"
+    assert tracking.resolve_tracking_uri(cfg) == "sqlite:////elsewhere/x.db"
+    assert (
+        tracking.ui_command(f"sqlite:///{tmp_path}/mlflow.db")
+        == f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db"
+    )
+    assert tracking.ui_command("http://host:5000") == "http://host:5000"
+
+
+def test_dead_server_is_reported_quickly_with_its_uri() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match=uri.replace(".", r"\.")):
+        tracking.start_pipeline_run(RFTConfig(), tracking_uri=uri)
+    assert time.monotonic() - start < 10
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_pipeline_run_has_config_artifact_flat_params_and_digest_tag(store: str) -> None:
+    cfg = RFTConfig(experiment="runs-tests", run_name="demo")
+    run_id = tracking.start_pipeline_run(cfg, tracking_uri=store)
+    run = client(store).get_run(run_id)
+    assert run.info.run_name == "demo"
+    assert client(store).get_experiment(run.info.experiment_id).name == "runs-tests"
+    assert run.data.tags["config_digest"] == cfg.digest()
+    assert run.data.params["sft.lr"] == str(cfg.sft.lr)
+    assert run.data.params["model.lora.r"] == str(cfg.model.lora.r)
+    assert run.data.params["experiment"] == "runs-tests"
+    logged = Path(client(store).download_artifacts(run_id, "config.yaml"))
+    assert yaml.safe_load(logged.read_text()) == cfg.model_dump(mode="json")
+    # Artifacts of a local store live next to the database, not in ./mlruns of the cwd.
+    db_dir = Path(tracking.sqlite_path(store)).parent
+    assert run.info.artifact_uri.startswith(str(db_dir / "mlartifacts"))
+
+
+def test_stage_runs_are_children_and_a_retry_reuses_its_run(store: str) -> None:
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
+    sft = tracking.start_stage_run(parent, "sft", {"lr": 0.001})
+    run = client(store).get_run(sft)
+    assert run.info.run_name == "sft"
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["config_digest"] == client(store).get_run(parent).data.tags["config_digest"]
+    assert run.data.params["lr"] == "0.001"
+    tracking.end_run(sft, "FAILED")
+    assert client(store).get_run(sft).info.status == "FAILED"
+
+    assert tracking.find_stage_run(parent, "sft") == sft
+    assert tracking.find_stage_run(parent, "rl") is None
+    retried = tracking.start_stage_run(parent, "sft", {"lr": 0.001})
+    assert retried == sft
+    assert client(store).get_run(sft).info.status == "RUNNING"
+    assert client(store).get_run(sft).data.tags["rft.attempts"] == "2"
+    tracking.end_run(sft)
+    assert client(store).get_run(sft).info.status == "FINISHED"
+    fresh = tracking.start_stage_run(parent, "sft", reuse=False)
+    assert fresh != sft
+    with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
+        tracking.end_run(fresh, "DONE")  # type: ignore[arg-type]
+
+
+def test_metrics_logger_namespaces_keys_and_keeps_steps(store: str) -> None:
+    import numpy as np
+
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
+    rl = tracking.start_stage_run(parent, "rl")
+    log = tracking.metrics_logger(rl, "rl")
+    for step in range(3):
+        log({"reward_mean": 0.1 * step, "kl": np.float32(0.5), "rl/clipfrac": 0.0, "maybe": None}, step)
+    history = client(store).get_metric_history(rl, "rl/reward_mean")
+    assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 0.1), (2, 0.2)]
+    assert set(client(store).get_run(rl).data.metrics) == {"rl/reward_mean", "rl/kl", "rl/clipfrac"}
+    with pytest.raises(TypeError, match="rl/text"):
+        log({"text": "not a number"}, 3)
+
+
+def test_artifacts_tables_and_tags(store: str, tmp_path: Path) -> None:
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
+    run_id = tracking.start_stage_run(parent, "evaluate")
+    (tmp_path / "report.json").write_text('{"accuracy": 0.5}')
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.txt").write_text("a")
+    tracking.log_artifact(run_id, tmp_path / "report.json", "reports")
+    tracking.log_artifact(run_id, tmp_path / "dir", "manifest")
+    rows = [
+        {"prompt": "1+1?", "completion": "2", "reward": 1.0},
+        {"prompt": "2+2?", "completion": "5", "reward": 0.0},
+    ]
+    tracking.log_table(run_id, rows, "samples/eval.json")
+    tracking.set_tags(run_id, {"data_digest": "abc", "n": 3})
+
+    c = client(store)
+    names = {f.path for f in c.list_artifacts(run_id, "reports")} | {
+        f.path for f in c.list_artifacts(run_id, "manifest")
+    }
+    assert names == {"reports/report.json", "manifest/a.txt"}
+    run = c.get_run(run_id)
+    assert {"path": "samples/eval.json", "type": "table"} in json.loads(
+        run.data.tags["mlflow.loggedArtifacts"]
+    )
+    table = json.loads(Path(c.download_artifacts(run_id, "samples/eval.json")).read_text())
+    assert [dict(zip(table["columns"], row, strict=True)) for row in table["data"]] == rows
+    assert len(c.load_table(run.info.experiment_id, "samples/eval.json", run_ids=[run_id])) == 2
+    assert run.data.tags["data_digest"] == "abc" and run.data.tags["n"] == "3"
+    with pytest.raises(FileNotFoundError):
+        tracking.log_artifact(run_id, tmp_path / "missing.txt")
+
+
+def test_datasets_are_logged_as_inputs_with_digest_and_context(store: str, tmp_path: Path) -> None:
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
+    run_id = tracking.start_stage_run(parent, "split")
+    frame = pd.DataFrame({"id": ["a", "b"], "prompt": ["1+1?", "2+2?"], "reference": ["2", "4"]})
+    path = tmp_path / "val.jsonl"
+    frame.to_json(path, orient="records", lines=True)
+    long_digest = "f" * 64
+    tracking.log_dataset(run_id, frame, "train", "d1" * 8, "train", source=tmp_path / "train.jsonl")
+    tracking.log_dataset(run_id, path, "validation", long_digest, "validation")
+
+    inputs = client(store).get_run(run_id).inputs.dataset_inputs
+    by_name = {i.dataset.name: i for i in inputs}
+    assert set(by_name) == {"train", "validation"}
+    train, val = by_name["train"], by_name["validation"]
+    assert train.dataset.digest == "d1" * 8
+    assert {t.key: t.value for t in train.tags}["mlflow.data.context"] == "train"
+    assert json.loads(train.dataset.profile)["num_rows"] == 2
+    assert json.loads(train.dataset.source)["uri"].endswith("train.jsonl")
+    assert val.dataset.digest == long_digest[:36]
+    assert {t.key: t.value for t in val.tags} == {
+        "mlflow.data.context": "validation",
+        "rft.digest": long_digest,
+    }
+    assert json.loads(val.dataset.source)["uri"] == str(path)
+
+
+# --------------------------------------------------------------------------- registry and gate
+
+
+def register(model_uri: str, name: str, value: float | None, data: str = "val-1") -> int:
+    metrics = {} if value is None else {"eval/accuracy": value}
+    return tracking.register_model(model_uri, name, metrics=metrics, data_digest=data, config_digest="cfg")
+
+
+def gate(name: str, version: int, **kwargs: object) -> tracking.GateDecision:
+    return tracking.promotion_gate(name, version, metric="eval/accuracy", **kwargs)  # type: ignore[arg-type]
+
+
+def test_registration_tags_version_and_moves_challenger(store: str, model_uri: str) -> None:
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="registry-tests"), tracking_uri=store)
+    stage = tracking.start_stage_run(parent, "rl")
+    version = tracking.register_model(
+        model_uri,
+        "reg-tags",
+        run_id=stage,
+        metrics={"eval/accuracy": 0.25},
+        data_digest="val-1",
+        tags={"k": "v"},
+    )
+    mv = client(store).get_model_version("reg-tags", str(version))
+    assert mv.tags["metric.eval/accuracy"] == "0.25"
+    assert mv.tags["data_digest"] == "val-1"
+    assert mv.tags["config_digest"] == client(store).get_run(parent).data.tags["config_digest"]
+    assert mv.tags["k"] == "v"
+    assert client(store).get_registered_model("reg-tags").aliases == {"challenger": version}
+    second = register(model_uri, "reg-tags", 0.3)
+    assert client(store).get_registered_model("reg-tags").aliases == {"challenger": second}
+
+
+def test_gate_promotes_first_version_then_only_a_better_one(store: str, model_uri: str) -> None:
+    name = "gate-basic"
+    v1, v2, v3 = (register(model_uri, name, value) for value in (0.5, 0.52, 0.6))
+    first = gate(name, v1)
+    assert first.promoted and first.champion_version is None and "no champion" in first.reason
+    refused = gate(name, v2, min_improvement=0.05)
+    assert not refused.promoted
+    assert (refused.challenger_value, refused.champion_version, refused.champion_value) == (0.52, v1, 0.5)
+    assert "min_improvement" in refused.reason
+    promoted = gate(name, v3, min_improvement=0.05)
+    assert promoted.promoted and promoted.champion_version == v1
+    assert tracking.champion_version(name) == v3
+
+    tags = client(store).get_model_version(name, str(v2)).tags
+    assert tags["gate.decision"] == "refused"
+    assert tags["gate.reason"] == refused.reason
+    assert tags["gate.champion_version"] == str(v1)
+    assert tags["gate.champion_value"] == "0.5"
+    assert client(store).get_model_version(name, str(v3)).tags["gate.decision"] == "promoted"
+    assert gate(name, v3).reason == f"version {v3} is already the champion"
+
+
+def test_gate_lower_is_better(store: str, model_uri: str) -> None:
+    name = "gate-lower"
+    v1, v2 = register(model_uri, name, 2.0), register(model_uri, name, 1.5)
+    assert gate(name, v1, greater_is_better=False).promoted
+    assert gate(name, v2, greater_is_better=False).promoted
+    assert not gate(name, register(model_uri, name, 1.7), greater_is_better=False).promoted
+
+
+def test_gate_scores_a_champion_from_other_data_with_the_evaluator_or_refuses(
+    store: str, model_uri: str
+) -> None:
+    name = "gate-data"
+    v1 = register(model_uri, name, 0.9, data="val-old")
+    assert gate(name, v1).promoted
+    v2 = register(model_uri, name, 0.6, data="val-new")
+
+    refused = gate(name, v2)
+    assert not refused.promoted and "no evaluator" in refused.reason and "val-old" in refused.reason
+    assert tracking.champion_version(name) == v1
+
+    scored: list[str] = []
+
+    def evaluate(uri: str) -> dict[str, float]:
+        scored.append(uri)
+        return {"eval/accuracy": 0.4}  # the old champion is worse on the new data than its old tag says
+
+    decision = gate(name, v2, evaluate=evaluate)
+    assert scored == [f"models:/{name}/{v1}"]
+    assert decision.promoted and decision.champion_value == 0.4
+    assert tracking.champion_version(name) == v2
+    assert client(store).get_model_version(name, str(v2)).tags["gate.champion_value"] == "0.4"
+
+
+def test_force_promotes_a_worse_version_and_a_missing_metric_is_refused(store: str, model_uri: str) -> None:
+    name = "gate-force"
+    v1, v2, v3 = (
+        register(model_uri, name, 0.8),
+        register(model_uri, name, 0.1),
+        register(model_uri, name, None),
+    )
+    gate(name, v1)
+    assert not gate(name, v3).promoted
+    assert "no 'eval/accuracy' tag" in gate(name, v3).reason
+    forced = gate(name, v2, force=True)
+    assert forced.promoted and "forced" in forced.reason and forced.champion_value == 0.8
+    assert tracking.champion_version(name) == v2
+
+
+def test_rollback_walks_back_the_champion_history(store: str, model_uri: str) -> None:
+    name = "gate-rollback"
+    v1, v2, v3 = (register(model_uri, name, value) for value in (0.1, 0.2, 0.3))
+    with pytest.raises(tracking.RegistryError, match="no champion"):
+        tracking.rollback(name)
+    for version in (v1, v2, v3):
+        assert gate(name, version).promoted
+    assert tracking.rollback(name) == v2
+    assert tracking.champion_version(name) == v2
+    assert "rollback.demoted_at" in client(store).get_model_version(name, str(v3)).tags
+    assert tracking.rollback(name) == v1
+    with pytest.raises(tracking.RegistryError, match="no previous champion"):
+        tracking.rollback(name)
+    assert tracking.champion_version(name) == v1
+
+
+def test_racing_promotions_leave_the_better_version_champion(store: str, model_uri: str) -> None:
+    name = "gate-race"
+    v1 = register(model_uri, name, 0.5, data="val-old")
+    gate(name, v1)
+    worse, better = (
+        register(model_uri, name, 0.6, data="val-new"),
+        register(model_uri, name, 0.7, data="val-new"),
+    )
+    start = threading.Barrier(2)
+
+    def slow_evaluate(uri: str) -> dict[str, float]:
+        # Both threads decide against v1 at the same time and hold the decision a while: without
+        # the lock and the re-read, whichever writes last (maybe the worse one) would be champion.
+        time.sleep(0.3)
+        return {"eval/accuracy": 0.5}
+
+    decisions: dict[int, tracking.GateDecision] = {}
+    errors: list[BaseException] = []
+
+    def promote(version: int) -> None:
+        start.wait()
+        try:
+            decisions[version] = gate(name, version, evaluate=slow_evaluate)
+        except BaseException as exc:
+            errors.append(exc)
+
+    for order in ((better, worse), (worse, better)):
+        client(store).set_registered_model_alias(name, "champion", str(v1))
+        threads = [threading.Thread(target=promote, args=(v,)) for v in order]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors
+        assert tracking.champion_version(name) == better
+        assert decisions[better].promoted
+        if decisions[worse].promoted:  # it won the lock first, then lost to the better one
+            assert decisions[better].champion_version == worse
+        else:
+            assert decisions[worse].champion_version == better
+
+
+def test_registry_lock_excludes_concurrent_holders_and_breaks_a_stale_one(store: str, model_uri: str) -> None:
+    name = "lock-test"
+    register(model_uri, name, 0.1)
+    c = client(store)
+    inside, overlaps, entries = [0], [0], [0]
+    errors: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            for _ in range(5):
+                with tracking._registry_lock(c, name):
+                    inside[0] += 1
+                    entries[0] += 1
+                    overlaps[0] += inside[0] > 1
+                    time.sleep(0.01)
+                    inside[0] -= 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert entries == [15] and overlaps == [0]
+    assert name + tracking.LOCK_SUFFIX not in {m.name for m in c.search_registered_models()}
+
+    # A holder that died leaves its lock; after the lease it is taken over.
+    c.create_registered_model(
+        name + tracking.LOCK_SUFFIX, tags={"rft.lock.owner": "dead", "rft.lock.expires": "0"}
+    )
+    with tracking._registry_lock(c, name, timeout_s=5) as owner:
+        assert c.get_registered_model(name + tracking.LOCK_SUFFIX).tags["rft.lock.owner"] == owner
+    # A live one is waited for, then reported.
+    c.create_registered_model(
+        name + tracking.LOCK_SUFFIX,
+        tags={"rft.lock.owner": "alive", "rft.lock.expires": str(time.time() + 60)},
+    )
+    with (
+        pytest.raises(tracking.RegistryError, match="held by alive"),
+        tracking._registry_lock(c, name, timeout_s=0.3),
+    ):
+        pass
+    c.delete_registered_model(name + tracking.LOCK_SUFFIX)
+
+
+def test_list_versions_reports_aliases_metrics_and_gate(store: str, model_uri: str) -> None:
+    name = "list-test"
+    v1, v2 = register(model_uri, name, 0.4), register(model_uri, name, 0.3)
+    gate(name, v1)
+    gate(name, v2)
+    rows = tracking.list_versions(name)
+    assert [r["version"] for r in rows] == [v1, v2]
+    assert rows[0]["aliases"] == ["champion"] and rows[1]["aliases"] == ["challenger"]
+    assert rows[0]["metrics"] == {"eval/accuracy": 0.4}
+    assert rows[1]["gate_decision"] == "refused"
+    assert rows[0]["data_digest"] == "val-1" and rows[0]["run_id"] and rows[0]["created"]
+    with pytest.raises(tracking.RegistryError, match="no registered model named 'nope'"):
+        tracking.list_versions("nope")
+    with pytest.raises(tracking.RegistryError, match="has no version 99"):
+        gate(name, 99)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    app.command("promote")(promote_cmd)
+    app.command("rollback")(rollback_cmd)
+    app.command("models")(models_cmd)
+    return app
+
+
+def invoke(app: typer.Typer, *args: str) -> object:
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_cli_promote_rollback_and_models(store: str, model_uri: str, cli: typer.Typer) -> None:
+    name = "cli-test"
+    v1, v2, v3 = (
+        register(model_uri, name, 0.5),
+        register(model_uri, name, 0.7),
+        register(model_uri, name, 0.6),
+    )
+    result = invoke(cli, "promote", name, str(v1), "--tracking-uri", store)
+    assert result.exit_code == 0 and "promoted" in result.output
+    assert invoke(cli, "promote", name, str(v2), "--tracking-uri", store).exit_code == 0
+    refused = invoke(cli, "promote", name, str(v3), "--tracking-uri", store)
+    assert refused.exit_code == 1 and "not promoted" in refused.output
+    assert invoke(cli, "promote", name, str(v3), "--force", "--tracking-uri", store).exit_code == 0
+    assert tracking.champion_version(name) == v3
+
+    result = invoke(cli, "rollback", name, "--tracking-uri", store)
+    assert result.exit_code == 0 and f"v{v3} -> v{v2}" in result.output
+
+    result = invoke(cli, "models", name, "--tracking-uri", store, "--json")
+    rows = json.loads(result.output)
+    assert [r["aliases"] for r in rows] == [[], ["champion"], ["challenger"]]
+    table = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["models", name, "--tracking-uri", store])
+    assert table.exit_code == 0 and "champion" in table.output and "eval/accuracy" in table.output
+
+
+def test_cli_reads_mlflow_tracking_uri_from_the_environment(
+    store: str, model_uri: str, cli: typer.Typer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    register(model_uri, "cli-env", 0.5)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    result = invoke(cli, "models", "cli-env", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)[0]["aliases"] == ["challenger"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("models", "no-such-model"), "no registered model named 'no-such-model'"),
+        (("promote", "cli-test", "99"), "has no version 99"),
+        (("rollback", "no-such-model"), "no registered model named 'no-such-model'"),
+    ],
+)
+def test_cli_errors_exit_2_without_traceback(
+    store: str, model_uri: str, cli: typer.Typer, args: tuple[str, ...], message: str
+) -> None:
+    register(model_uri, "cli-test", 0.1)
+    result = CliRunner().invoke(cli, [*args, "--tracking-uri", store])
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_cli_unreachable_server_and_missing_store_exit_2(cli: typer.Typer, tmp_path: Path) -> None:
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(cli, ["models", "x", "--tracking-uri", uri])
+    assert result.exit_code == 2 and f"{uri} is unreachable" in result.stderr
+    missing = tmp_path / "none" / "mlflow.db"
+    result = CliRunner().invoke(cli, ["models", "x", "--tracking-uri", f"sqlite:///{missing}"])
+    assert result.exit_code == 2 and f"no MLflow store at {missing}" in result.stderr
+    assert not missing.exists()
