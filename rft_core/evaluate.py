@@ -124,6 +124,29 @@ def _vote_key(text: str) -> str:
     return f"{value:.9g}" if value is not None else answer
 
 
+def pass_and_majority(
+    texts: Sequence[Sequence[str]], rewards: Sequence[Sequence[float | None]], threshold: float
+) -> tuple[float, float]:
+    """pass@k (some sample correct) and maj@k (the most frequent final answer is correct).
+
+    Answers are compared by their extracted final number when there is one, else by normalised
+    text; a tie goes to the answer sampled first.
+
+    >>> pass_and_majority([["#### 3", "#### 4", "#### 4"]], [[1.0, 0.0, 0.0]], 1.0)
+    (1.0, 0.0)
+    """
+    pass_hits = maj_hits = 0
+    for row_texts, row_rewards in zip(texts, rewards, strict=True):
+        ok = [r is not None and r >= threshold for r in row_rewards]
+        pass_hits += any(ok)
+        keys = [_vote_key(t) for t in row_texts]
+        votes = Counter(keys)
+        winner = max(keys, key=votes.__getitem__)
+        maj_hits += ok[keys.index(winner)]
+    n = max(1, len(texts))
+    return pass_hits / n, maj_hits / n
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -185,19 +208,10 @@ def evaluate(
         texts = [[decode(tokenizer, c) for c in row[2]] for row in local]
         flat_items = [items[i] for i, row in enumerate(texts) for _ in row]
         flat = grade_batch(grader, [t for row in texts for t in row], flat_items, workers=cfg.grader.workers)
-        pass_hits, maj_hits, pos = 0, 0, 0
-        for row in texts:
-            graded = flat[pos : pos + len(row)]
-            pos += len(row)
-            ok = [g.reward is not None and g.reward >= threshold for g in graded]
-            pass_hits += any(ok)
-            keys = [_vote_key(t) for t in row]
-            votes = Counter(keys)
-            winner = max(keys, key=votes.__getitem__)  # ties: the answer sampled first
-            maj_hits += ok[keys.index(winner)]
-            metrics["grader_errors"] += sum(1 for g in graded if g.reward is None)
-        metrics[f"pass@{k}"] = pass_hits / n
-        metrics[f"maj@{k}"] = maj_hits / n
+        rewards_per_item = [[g.reward for g in flat[i * k : (i + 1) * k]] for i in range(len(texts))]
+        pass_at, maj_at = pass_and_majority(texts, rewards_per_item, threshold)
+        metrics[f"pass@{k}"], metrics[f"maj@{k}"] = pass_at, maj_at
+        metrics["grader_errors"] += sum(1 for g in flat if g.reward is None)
 
     samples = []
     for (_, row), text, result in list(zip(frame.iterrows(), greedy_texts, results, strict=True))[

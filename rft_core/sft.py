@@ -242,7 +242,7 @@ def train_examples(
                 # update is the token-mean over the whole step.
                 loss = nll * world / target_tokens
                 accelerator.backward(loss)
-            loss_total += float(nll)
+            loss_total += float(nll.detach())
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()

@@ -1,0 +1,204 @@
+"""Models, generation, SFT, PPO/GRPO and evaluation on a tiny real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from training_fixtures import Crash, crash_at, tiny_config, tiny_task
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rft_core.evaluate import evaluate, pass_and_majority
+from rft_core.generation import generate, row_seeds
+from rft_core.graders import build_grader
+from rft_core.models import load_model, load_tokenizer
+from rft_core.rl.trainer import RLTrainer, run_rl
+from rft_core.sft import collate, run_sft, sft_examples
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("task")
+    cfg = tiny_config(tmp)
+    train, val, model_dir = tiny_task(tmp, cfg)
+    return cfg, train, val, model_dir
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with build_grader({"type": "numeric_match", "partial_credit": 0.1}) as g:
+        yield g
+
+
+def weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_tiny_model_loads_back_like_a_hub_model(task):
+    cfg, _, _, model_dir = task
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = "Ann has 9 pens. Bob: 9+13=22.\n#### 22"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    assert tokenizer.tokenize("123") == ["1", "2", "3"]  # digits one by one
+    ours = load_model(model_dir, cfg.model)
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    assert torch.equal(model(ids).logits, ours(ids).logits)
+
+
+def test_sampling_depends_only_on_the_row_seed_not_on_the_batch(task):
+    cfg, _, _, model_dir = task
+    model = load_model(model_dir, cfg.model).eval()
+    tok = load_tokenizer(model_dir)
+    prompts = [tok("Ann has 9 pens.")["input_ids"], tok("Bob")["input_ids"], tok("How many?")["input_ids"]]
+    kw = {"eos_token_ids": [tok.eos_token_id], "pad_token_id": tok.pad_token_id, "max_new_tokens": 12}
+    seeds = row_seeds(7, range(6))
+    together = generate(model, prompts, num_samples=2, seeds=seeds, **kw)
+    alone = generate(model, prompts[1:2], num_samples=2, seeds=seeds[2:4], **kw)
+    assert together.completions[2:4] == alone.completions
+    again = generate(model, prompts, num_samples=2, seeds=seeds, **kw)
+    assert again.completions == together.completions
+    other = generate(model, prompts, num_samples=2, seeds=row_seeds(8, range(6)), **kw)
+    assert other.completions != together.completions
+
+
+def test_greedy_generation_matches_transformers_generate(task):
+    cfg, _, _, model_dir = task
+    model = load_model(model_dir, cfg.model).eval()
+    tok = load_tokenizer(model_dir)
+    prompts = [tok("Ann has 9 pens. Bob has")["input_ids"], tok("Cal")["input_ids"]]
+    ours = generate(model, prompts, eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id, max_new_tokens=10)
+    for prompt, completion in zip(prompts, ours.completions, strict=True):
+        ref = model.generate(
+            torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )[0, len(prompt):].tolist()
+        assert completion == ref[: len(completion)]
+
+
+def test_sft_examples_mask_the_prompt_and_end_with_eos(task):
+    cfg, train, _, model_dir = task
+    tok = load_tokenizer(model_dir)
+    examples = sft_examples(train, tok, cfg)
+    assert len(examples) == sum(isinstance(s, str) for s in train["solution"])
+    batch = collate(examples[:2], tok.pad_token_id)
+    first = examples[0]
+    labels = batch["labels"][0]
+    assert (labels[: len(first.prompt_ids)] == -100).all()
+    assert labels[len(first.prompt_ids) + len(first.completion_ids) - 1].item() == tok.eos_token_id
+    assert "####" in tok.decode(first.completion_ids)
+
+
+def test_sft_moves_weights_lowers_loss_and_resumes_exactly(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    cfg = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"keep_best": False})})
+    losses = []
+    result = run_sft(cfg, train, val, model_dir, tmp_path / "full", grader=grader,
+                     log=lambda m, s: losses.append(m["loss"]) if "loss" in m else None)
+    assert losses[-1] < losses[0]
+    trained, base = weights(tmp_path / "full" / "model"), weights(model_dir)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert "val_accuracy" in result.metrics and "val_loss" in result.metrics
+
+    with pytest.raises(Crash):
+        run_sft(cfg, train, val, model_dir, tmp_path / "resumed", grader=grader, log=crash_at(5))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-4").is_dir()
+    run_sft(cfg, train, val, model_dir, tmp_path / "resumed", grader=grader)
+    resumed = weights(tmp_path / "resumed" / "model")
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
+
+
+def test_lora_sft_merges_the_adapter_into_a_full_model(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "sft.max_steps=3")
+    result = run_sft(cfg, train, val, model_dir, tmp_path / "sft", grader=grader)
+    out = tmp_path / "sft" / "model"
+    assert not (out / "adapter_config.json").exists()
+    merged, base = weights(out), weights(model_dir)
+    assert set(merged) == set(base)
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+    assert result.model_dir == str(out)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_to_the_reference_is_exactly_zero_before_the_first_update(task, tmp_path, grader, lora):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, f"model.lora.enabled={str(lora).lower()}", "rl.kl_coef=0.05")
+    trainer = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl", grader=grader)
+    if lora:
+        assert trainer.reference is None  # adapters off is the reference: no second copy
+    batch = trainer.rollout(0, {})
+    assert torch.equal(batch.logprobs, batch.ref_logprobs)
+    assert torch.equal(batch.values, torch.zeros_like(batch.values))  # zero-initialised head
+
+
+def test_ppo_iteration_moves_the_policy_and_value_head(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "rl.iterations=1")
+    trainer = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl", grader=grader)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    batch = trainer.rollout(0, {})
+    # Make sure there is signal: grade a correct answer into one row by hand is not possible here,
+    # but the KL and value terms always give gradients once the head moves.
+    stats = trainer.update(batch, 0, {})
+    after = trainer.policy.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    head = trainer.module.value_head
+    assert head.weight.abs().sum() > 0 or head.bias.abs().sum() > 0
+    for key in ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "kl"):
+        assert key in stats
+
+
+def test_rl_resume_after_a_crash_gives_the_same_final_model_and_metrics(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "rl.iterations=3")
+    logged_full = []
+    full = run_rl(cfg, train, val, model_dir, tmp_path / "full", grader=grader,
+                  log=lambda m, s: logged_full.append((s, m)))
+    with pytest.raises(Crash):
+        run_rl(cfg, train, val, model_dir, tmp_path / "resumed", grader=grader, log=crash_at(3))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-2").is_dir()
+    logged = []
+    resumed = run_rl(cfg, train, val, model_dir, tmp_path / "resumed", grader=grader,
+                     log=lambda m, s: logged.append((s, m)))
+    a, b = weights(tmp_path / "full" / "model"), weights(tmp_path / "resumed" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics == full.metrics
+    last_full = dict(logged_full)[3]
+    last_resumed = dict(logged)[3]
+    for key in ("reward_mean", "kl", "pg_loss", "vf_loss", "entropy"):
+        assert last_resumed[key] == last_full[key]
+
+
+def test_grpo_reports_groups_without_signal_and_needs_groups(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "rl.algorithm=grpo", "rl.iterations=1", "rl.samples_per_prompt=4",
+                      "rl.minibatch_size=16", "rl.kl_coef=0.0")
+    logged = []
+    run_rl(cfg, train, val, model_dir, tmp_path / "rl", grader=grader, log=lambda m, s: logged.append(m))
+    stats = next(m for m in logged if "zero_std_groups" in m)
+    assert 0.0 <= stats["zero_std_groups"] <= 1.0
+    assert "vf_loss" not in stats
+    bad = tiny_config(tmp_path, "rl.algorithm=grpo", "rl.samples_per_prompt=1")
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        RLTrainer(bad, train, val, model_dir, tmp_path / "bad", grader=grader)
+
+
+def test_evaluation_reports_accuracy_pass_and_majority(task, grader):
+    cfg, _, val, model_dir = task
+    model, tok = load_model(model_dir, cfg.model), load_tokenizer(model_dir)
+    report = evaluate(model, tok, val, grader, cfg, k=3, max_items=6)
+    m = report.metrics
+    assert m["items"] == 6
+    assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["maj@3"] <= m["pass@3"] <= 1.0
+    assert len(report.samples) == 6
+    assert {"id", "prompt", "reference", "completion", "reward", "error"} <= set(report.samples[0])
+    json.dumps(report.samples)
+
+
+def test_pass_and_majority_by_hand():
+    texts = [["#### 3", "#### 4", "#### 4"], ["the answer is 5", "5", "#### 5.0"], ["x", "y", "z"]]
+    rewards = [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, None, 0.0]]
+    assert pass_and_majority(texts, rewards, 1.0) == (2 / 3, 1 / 3)
