@@ -210,7 +210,8 @@ def evaluate(
         flat = grade_batch(grader, [t for row in texts for t in row], flat_items, workers=cfg.grader.workers)
         rewards_per_item = [[g.reward for g in flat[i * k : (i + 1) * k]] for i in range(len(texts))]
         pass_at, maj_at = pass_and_majority(texts, rewards_per_item, threshold)
-        metrics[f"pass@{k}"], metrics[f"maj@{k}"] = pass_at, maj_at
+        # MLflow metric names cannot hold "@": pass@k is logged as pass_at_k.
+        metrics[f"pass_at_{k}"], metrics[f"maj_at_{k}"] = pass_at, maj_at
         metrics["grader_errors"] += sum(1 for g in flat if g.reward is None)
 
     samples = []

@@ -76,7 +76,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title="Validation set", title_justify="left")
     table.add_column("model")
     keys = [k for k in ("accuracy", "reward_mean", "grader_errors", "response_length") if any(k in m for m in metrics.values())]
-    keys += sorted({k for m in metrics.values() for k in m if k.startswith(("pass@", "maj@"))})
+    keys += sorted({k for m in metrics.values() for k in m if k.startswith(("pass_at_", "maj_at_"))})
     for key in keys:
         table.add_column(key, justify="right")
     for name, values in metrics.items():

@@ -192,7 +192,7 @@ def test_evaluation_reports_accuracy_pass_and_majority(task, grader):
     report = evaluate(model, tok, val, grader, cfg, k=3, max_items=6)
     m = report.metrics
     assert m["items"] == 6
-    assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["maj@3"] <= m["pass@3"] <= 1.0
+    assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["maj_at_3"] <= m["pass_at_3"] <= 1.0
     assert len(report.samples) == 6
     assert {"id", "prompt", "reference", "completion", "reward", "error"} <= set(report.samples[0])
     json.dumps(report.samples)

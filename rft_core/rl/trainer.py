@@ -243,7 +243,7 @@ class RLTrainer:
                         # global normaliser expects.
                         self.accelerator.backward(out.loss * self.world)
                     for key in part_stats:
-                        part_stats[key] += float(getattr(out, key))
+                        part_stats[key] += float(getattr(out, key).detach())
                     processed_tokens += int(batch.attention_mask[part].sum())
                 self.accelerator.clip_grad_norm_(self.params, rl.max_grad_norm)
                 self.optimizer.step()

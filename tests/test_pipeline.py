@@ -1,0 +1,218 @@
+"""The pipeline flow end to end: real Prefect API (test harness), real MLflow (sqlite), tiny model.
+
+Covers stage tracking, the registry gate through the flow, rerun after a failed stage (cache hits),
+a changed section re-running only its stage and what follows, SIGKILL mid-RL then resume, and
+reloading the registered model with identical logits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from rft_core import tracking
+from rft_core.cli import app
+from rft_core.config import RFTConfig
+
+TINY = {
+    "data": {"synthetic": {"n_train": 96, "n_val": 16, "max_steps": 2}},
+    "model": {"tiny": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
+                       "vocab_size": 320, "pretrain_steps": 5}},
+    "sft": {"batch_size": 8, "max_steps": 6, "checkpoint_interval": 3},
+    "rl": {"iterations": 2, "prompts_per_iteration": 4, "samples_per_prompt": 2, "minibatch_size": 8,
+           "max_new_tokens": 24, "eval_interval": 0, "checkpoint_interval": 1, "lr": 1e-3},
+    "eval": {"max_new_tokens": 24, "k": 2},
+    "grader": {"spec": {"type": "numeric_match", "partial_credit": 0.1}},
+}
+
+
+def config(out: Path, **sections) -> RFTConfig:
+    raw = {**TINY, **sections, "output_dir": str(out)}
+    return RFTConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(prefect_api, tmp_path_factory):
+    from flows.pipeline import rft_pipeline
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    cfg = config(out)
+    return cfg, rft_pipeline(config=cfg)
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in runs}
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> dict[str, object]:
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {run.info.run_name: run for run in runs}
+
+
+def test_pipeline_tracks_every_stage_and_promotes_the_first_model(uninterrupted):
+    cfg, summary = uninterrupted
+    client = MlflowClient(summary["tracking_uri"])
+    children = child_runs(client, summary["mlflow_run_id"])
+    assert set(children) == {"validate", "split", "sft", "rl", "evaluate"}
+    assert all(run.info.status == "FINISHED" for run in children.values())
+    sft_keys = set(children["sft"].data.metrics)
+    assert {"sft/loss", "sft/lr", "sft/val_accuracy"} <= sft_keys
+    rl_history = client.get_metric_history(children["rl"].info.run_id, "rl/reward_mean")
+    assert [m.step for m in rl_history] == [1, 2]
+    assert {"rl/kl", "rl/pg_loss", "rl/vf_loss", "rl/clipfrac", "rl/approx_kl", "rl/entropy",
+            "rl/response_length", "rl/grader_errors", "rl/rollout_tokens_per_s"} <= set(children["rl"].data.metrics)
+    assert {"eval/accuracy", "eval/reward_mean", "eval/pass_at_2", "eval/maj_at_2", "eval/sft/accuracy"} <= set(
+        children["evaluate"].data.metrics
+    )
+    assert children["split"].inputs.dataset_inputs  # train/validation datasets with digests
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert "config.yaml" in artifacts
+    eval_artifacts = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id)}
+    assert {"samples_rl.json", "samples_sft.json", "report.md"} <= eval_artifacts
+    assert summary["registered"] == {"name": "rft-model", "version": 1}
+    assert summary["gate"]["promoted"] is True
+    model = client.get_registered_model("rft-model")
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1", "challenger": "1"}
+    version = client.get_model_version("rft-model", "1")
+    assert version.tags["gate.decision"] == "promoted"
+    assert float(version.tags["metric.eval/accuracy"]) == summary["metrics"]["rl"]["accuracy"]
+
+
+def test_registered_champion_reloads_with_identical_logits(uninterrupted):
+    from rft_core.models import load_model, load_tokenizer
+
+    cfg, summary = uninterrupted
+    model, tokenizer = tracking.load_model("models:/rft-model@champion", tracking_uri=summary["tracking_uri"])
+    local = load_model(summary["model_dir"], cfg.model).eval()
+    ids = torch.tensor([load_tokenizer(summary["model_dir"])("Ann has 3 pens. Bob has")["input_ids"]])
+    assert torch.equal(model(ids).logits, local(ids).logits)
+
+
+def test_rerun_after_rl_failure_reuses_earlier_stages_and_matches_an_uninterrupted_run(
+    uninterrupted, tmp_path, monkeypatch
+):
+    from flows.pipeline import rft_pipeline
+
+    _, reference = uninterrupted
+    cfg = config(tmp_path)
+    monkeypatch.setenv("RFT_FAIL_STAGE", "rl")
+    failed = rft_pipeline(config=cfg, return_state=True)
+    assert failed.is_failed()
+    assert "failing the rl stage on purpose" in str(failed.result(raise_on_failure=False))
+    sft_dir = next((tmp_path / "stages").glob("sft-*"))
+    sft_mtime = (sft_dir / "model" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.delenv("RFT_FAIL_STAGE")
+
+    state = rft_pipeline(config=cfg, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    states = task_states(state.state_details.flow_run_id)
+    assert states["validate"] == states["split"] == states["sft"] == "Cached"
+    assert states["rl"] == states["evaluate"] == "Completed"
+    assert (sft_dir / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
+    assert summary["metrics"] == reference["metrics"]  # same config, same data: same numbers on CPU
+
+
+def test_changing_the_rl_section_reruns_rl_and_what_follows_only(uninterrupted, tmp_path):
+    from flows.pipeline import rft_pipeline
+
+    cfg = config(tmp_path)
+    first = rft_pipeline(config=cfg, return_state=True)
+    changed = cfg.model_copy(update={"rl": cfg.rl.model_copy(update={"lr": 5e-4})})
+    state = rft_pipeline(config=changed, return_state=True)
+    states = task_states(state.state_details.flow_run_id)
+    assert states["validate"] == states["split"] == states["sft"] == "Cached"
+    assert states["rl"] == states["evaluate"] == "Completed"
+    again = rft_pipeline(config=changed, return_state=True, fresh=True)
+    assert set(task_states(again.state_details.flow_run_id).values()) == {"Completed"}
+    assert first.is_completed() and again.is_completed()
+
+
+def test_gate_refuses_an_equal_model_then_promote_force_and_rollback_move_the_alias(uninterrupted, tmp_path):
+    from flows.pipeline import rft_pipeline
+
+    cfg, reference = uninterrupted
+    uri = reference["tracking_uri"]
+    again = rft_pipeline(config=cfg, fresh=True)  # same config, same store: an equal challenger
+    assert again["gate"]["promoted"] is False
+    assert "not better" in again["gate"]["reason"]
+    version = again["registered"]["version"]
+    client = MlflowClient(uri)
+    assert client.get_model_version("rft-model", str(version)).tags["gate.decision"] == "refused"
+    assert str(client.get_registered_model("rft-model").aliases["champion"]) == "1"
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["promote", "rft-model", str(version), "--force", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert str(client.get_registered_model("rft-model").aliases["champion"]) == str(version)
+    result = runner.invoke(app, ["rollback", "rft-model", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert str(client.get_registered_model("rft-model").aliases["champion"]) == "1"
+    listing = runner.invoke(app, ["models", "rft-model", "--tracking-uri", uri, "--json"])
+    assert listing.exit_code == 0 and '"champion"' in listing.output
+
+
+@pytest.mark.slow
+def test_sigkill_during_rl_then_rerun_resumes_from_the_last_checkpoint(uninterrupted, tmp_path, prefect_api):
+    cfg, reference = uninterrupted
+    slow_rl = {**TINY["rl"], "iterations": 6, "checkpoint_interval": 2}
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({**TINY, "rl": slow_rl, "output_dir": str(tmp_path / "out")}))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rft_core.cli", "run", "--config", str(cfg_file), "--json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    checkpoint = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = sorted((tmp_path / "out" / "stages").glob("rl-*/checkpoints/step-2"))
+        if found:
+            checkpoint = found[0]
+            break
+        time.sleep(0.2)
+    assert checkpoint is not None, "the RL stage never wrote its first checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "resuming RL from" in rerun.stderr + rerun.stdout
+    resumed_at = [line for line in (rerun.stderr + rerun.stdout).splitlines() if "resuming RL from" in line]
+    assert "(iteration 2)" in resumed_at[0] or "(iteration 4)" in resumed_at[0]
+
+    # The same config run without interruption gives the same final model.
+    straight = subprocess.run(
+        [*cmd[:-1], "--set", f"output_dir={tmp_path / 'straight'}", "--json"], env=env,
+        capture_output=True, text=True, timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    killed_dir = next((tmp_path / "out" / "stages").glob("rl-*")) / "model" / "model.safetensors"
+    straight_dir = next((tmp_path / "straight" / "stages").glob("rl-*")) / "model" / "model.safetensors"
+    a, b = load_file(str(killed_dir)), load_file(str(straight_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
