@@ -138,7 +138,9 @@ class TinyModelConfig(Section):
         description="Steps of language-model pretraining on generated text of the task's family "
         "before anything else (gives the tiny model prior competence, as a real base model has).",
     )
-    pretrain_batch_size: int = Field(32, ge=1, description="Sequences per pretraining step.")
+    pretrain_batch_size: int = Field(
+        32, ge=1, description="Packed 128-token sequences per pretraining step."
+    )
     pretrain_lr: float = Field(1e-3, gt=0.0, description="Peak pretraining learning rate.")
     seed: int = Field(0, description="Seed of the initial weights and of the pretraining data.")
 

@@ -44,6 +44,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Stage progress lines (rft.*) go to the terminal and, inside a flow, to Prefect's logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rft")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("rft").setLevel(logging.INFO)
 

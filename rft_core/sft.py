@@ -11,6 +11,7 @@ The same loop pretrains the tiny model on generated documents (`train_language_m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -90,11 +91,15 @@ def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: R
 
 
 def document_examples(
-    documents: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+    documents: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int
 ) -> list[Example]:
-    """Language-model examples: loss on every token of each document after BOS."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [Example(bos, encode_completion(tokenizer, doc)[: max_length - len(bos)]) for doc in documents]
+    """Language-model examples: documents joined with EOS and packed into blocks of `block_size`
+    tokens (no padding wasted), loss on every token after the block's first."""
+    stream: list[int] = []
+    for doc in documents:
+        stream += encode_completion(tokenizer, doc)
+    starts = range(0, max(1, len(stream) - block_size + 1), block_size)
+    return [Example(stream[start : start + 1], stream[start + 1 : start + block_size]) for start in starts]
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -235,7 +240,7 @@ def train_examples(
             mine = block[rank * micro : (rank + 1) * micro]
             batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
             sync = m == settings.grad_accum - 1
-            with accelerator.no_sync(model) if (world > 1 and not sync) else _null():
+            with accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext():
                 with accelerator.autocast():
                     nll, _ = token_nll_sum(model, batch)
                 # DDP averages gradients over processes; scaling by world makes it a sum, so the
@@ -289,14 +294,6 @@ def selection_key(metrics: dict[str, float]) -> tuple[float, float, float]:
         metrics.get("val_reward_mean", 0.0),
         -metrics.get("val_loss", 0.0),
     )
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _sum_over_processes(accelerator: Accelerator, value: float) -> float:

@@ -95,6 +95,11 @@ def evaluate_key(cfg: RFTConfig, models: dict[str, ModelRecord]) -> str:
     return hash_of("evaluate", {k: m.key for k, m in models.items()}, sections, CODE_VERSION)
 
 
+def register_key(cfg: RFTConfig, evaluation: EvalRecord, tracking_uri: str | None) -> str:
+    """One registered version per evaluated model and registry: a rerun does not register twice."""
+    return hash_of("register", evaluation.key, cfg.registry.model_name, tracking_uri, CODE_VERSION)
+
+
 def numeric_grader(cfg: RFTConfig) -> bool:
     """References must hold a number when the grader compares numbers."""
     return cfg.grader.resolved_spec().get("type") == "numeric_match"

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from rft_core.config import RFTConfig, SFTConfig, TinyModelConfig
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+PRETRAIN_BLOCK = 128  # tokens per packed pretraining sequence
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -106,7 +107,8 @@ def prepare_tiny_model(
         return target
     documents: list[str] = []
     if tiny.pretrain_steps > 0:
-        n_docs = tiny.pretrain_steps * tiny.pretrain_batch_size
+        # Enough documents to fill every packed block of the pretraining once (~25 tokens each).
+        n_docs = tiny.pretrain_steps * tiny.pretrain_batch_size * PRETRAIN_BLOCK // 25
         documents = pretraining_documents(
             cfg.data.synthetic, n_docs, seed=tiny.seed, exclude=set(exclude_prompts or ())
         )
@@ -123,7 +125,7 @@ def prepare_tiny_model(
             lr=tiny.pretrain_lr,
             warmup_ratio=0.05,
             lr_scheduler="cosine",
-            max_length=tiny.max_position_embeddings,
+            max_length=PRETRAIN_BLOCK,
             checkpoint_interval=0,
             eval_interval=0,
             keep_best=False,

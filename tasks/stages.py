@@ -99,7 +99,8 @@ def evaluate_models(
     return stages.evaluate_stage(config, split, models, _track(parent_run_id, tracking_uri))
 
 
-@task(name="register", retries=3, retry_delay_seconds=10)
+@task(name="register", retries=3, retry_delay_seconds=10, persist_result=True,
+      cache_key_fn=_key(lambda p: "register-" + stages.register_key(p["config"], p["evaluation"], p["tracking_uri"])))
 def register_model(
     config: RFTConfig,
     split: stages.SplitRecord,

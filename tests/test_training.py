@@ -202,3 +202,46 @@ def test_pass_and_majority_by_hand():
     texts = [["#### 3", "#### 4", "#### 4"], ["the answer is 5", "5", "#### 5.0"], ["x", "y", "z"]]
     rewards = [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, None, 0.0]]
     assert pass_and_majority(texts, rewards, 1.0) == (2 / 3, 1 / 3)
+
+
+@pytest.fixture(scope="module")
+def gpt2_chat_model(task, tmp_path_factory):
+    """Another architecture (GPT-2: absolute positions, Conv1D layers) with a chat template, saved to a
+    local directory the way a hub model is laid out."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, _, _, tiny_dir = task
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_ppo_and_grpo_run_on_a_local_gpt2_with_a_chat_template(task, gpt2_chat_model, tmp_path, grader, lora):
+    cfg, train, val, _ = task
+    flag = str(lora).lower()
+    cfg = tiny_config(tmp_path, f"model.lora.enabled={flag}", "model.lora.r=4", "sft.max_steps=2")
+    tok = load_tokenizer(gpt2_chat_model, cfg.model)
+    from rft_core.models import render_prompt
+
+    assert render_prompt(tok, cfg.model, "2+2?").startswith("<s>user: 2+2?")
+    sft = run_sft(cfg, train, val, gpt2_chat_model, tmp_path / "sft", grader=grader)
+    for algorithm in ("ppo", "grpo"):
+        rl_cfg = tiny_config(tmp_path, f"model.lora.enabled={flag}", "model.lora.r=4", "rl.iterations=1",
+                             f"rl.algorithm={algorithm}", "rl.kl_coef=0.05")
+        trainer = RLTrainer(rl_cfg, train, val, sft.model_dir, tmp_path / algorithm, grader=grader)
+        batch = trainer.rollout(0, {})
+        assert torch.equal(batch.logprobs, batch.ref_logprobs)
+        stats = trainer.update(batch, 0, {})
+        assert stats["approx_kl"] >= 0.0
+        result = trainer.finish()
+        assert (tmp_path / algorithm / "model" / "config.json").exists() and result.model_dir
