@@ -85,7 +85,7 @@ def run_seed(seed: int, regime: str, root: Path, overrides: list[str], algorithm
             t = time.perf_counter()
             history: list[tuple[int, dict]] = []
             result = run_rl(rl_cfg, train, val, sft.model_dir, work / algorithm, grader=grader,
-                            log=lambda m, s: history.append((s, dict(m))))
+                            log=lambda m, s, h=history: h.append((s, dict(m))))
             timings[algorithm] = time.perf_counter() - t
             model = load_model(result.model_dir, cfg.model)
             final = evaluate(model, tok, val, grader, cfg).metrics
