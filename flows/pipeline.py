@@ -7,6 +7,7 @@ of the same config, or `prefect flow-run retry`, recomputes only what failed and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -80,7 +81,7 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
         result = t[name](*args, parent_run_id=parent, tracking_uri=uri)
         timings[name] = time.perf_counter() - started
         reused = getattr(result, "run_id", None)
-        if reused and _parent_of(reused, uri) != parent:
+        if reused and _parent_of(reused, uri) not in (parent, None):
             # A cache hit: the stage's run belongs to an earlier pipeline run; point at it.
             tracking.set_tags(parent, {f"rft.reused.{name}": reused}, tracking_uri=uri)
         return result
@@ -106,6 +107,7 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
         if config.registry.enabled and final.model_uri:
             registered = timed("register", config, split, final, evaluation)
             summary["registered"] = {"name": registered.name, "version": registered.version}
+            summary["gate_metric"] = config.registry.metric
             if config.registry.promote:
                 summary["gate"] = timed("promote", config, split, registered)
         tracking.log_metrics_once(parent, {f"time/{k}": v for k, v in timings.items()}, tracking_uri=uri)
@@ -113,18 +115,33 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
             markdown=_report(summary, uri), key="rft-evaluation", description="SFT vs RL on the validation set"
         )
     except BaseException:
-        tracking.end_run(parent, "FAILED", tracking_uri=uri)
+        # Not when the tracking server is what failed: ending the run would wait minutes on
+        # MLflow's retries and then replace the original error with its own.
+        with contextlib.suppress(Exception):
+            tracking.check_tracking_available(uri)
+            tracking.end_run(parent, "FAILED", tracking_uri=uri)
         raise
     tracking.end_run(parent, "FINISHED", tracking_uri=uri)
     return summary
 
 
 def _parent_of(run_id: str, uri: str) -> str | None:
-    return tracking.run_tags(run_id, tracking_uri=uri).get("mlflow.parentRunId")
+    """The pipeline run a stage run belongs to; None when this store does not know the run (a
+    cached stage logged to another MLflow store)."""
+    try:
+        return tracking.run_tags(run_id, tracking_uri=uri).get("mlflow.parentRunId")
+    except Exception:
+        return None
 
 
 def _report(summary: dict[str, Any], uri: str) -> str:
-    lines = ["# RFT evaluation (validation set)", "", stages.evaluation_table(summary["metrics"]), ""]
+    table = dict(summary["metrics"])
+    gate = summary.get("gate") or {}
+    if gate.get("champion_version") is not None and gate.get("champion_value") is not None:
+        # The champion before this run, on the same validation data (the gate's metric only).
+        metric = summary.get("gate_metric", "eval/accuracy").rsplit("/", 1)[-1]
+        table[f"champion v{gate['champion_version']}"] = {metric: gate["champion_value"]}
+    lines = ["# RFT evaluation (validation set)", "", stages.evaluation_table(table), ""]
     if "registered" in summary:
         reg = summary["registered"]
         lines.append(f"Registered **{reg['name']}** version **{reg['version']}**.")

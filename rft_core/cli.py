@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from flows.serve import serve_cmd  # imports Prefect only when the command runs
 from rft_core.data.cli import validate_cmd
 from rft_core.graders.cli import grade_cmd
 from rft_core.registry_cli import models_cmd, promote_cmd, rollback_cmd
@@ -27,6 +28,9 @@ app.command("promote", help="Move the champion alias to a version (through the g
 )
 app.command("rollback", help="Move the champion alias back to the previous champion.")(rollback_cmd)
 app.command("models", help="List a registered model's versions, aliases and metrics.")(models_cmd)
+app.command("serve", help="Serve the deployments of deployments/prefect.yaml from this process, on their schedules.")(
+    serve_cmd
+)
 
 
 def main() -> None:

@@ -229,6 +229,11 @@ class RLConfig(Section):
         None, ge=1, description="Split each minibatch into chunks of this many completions "
         "(gradient accumulation, to bound memory); None: no split.",
     )
+    shared_prompt_forward: bool = Field(
+        True,
+        description="Score and train the samples of a prompt with one pass over the prompt (its KV "
+        "cache shared by the group): same result, (K-1)/K less prompt compute.",
+    )
     generation_batch_size: int = Field(
         256, ge=1, description="Completions generated together (prompts x samples per call)."
     )

@@ -130,7 +130,12 @@ def test_kl_to_the_reference_is_exactly_zero_before_the_first_update(task, tmp_p
     if lora:
         assert trainer.reference is None  # adapters off is the reference: no second copy
     batch = trainer.rollout(0, {})
-    assert torch.equal(batch.logprobs, batch.ref_logprobs)
+    if lora:
+        # Adapters off is the very same module: bit for bit.
+        assert torch.equal(batch.logprobs, batch.ref_logprobs)
+    else:
+        # A second copy of the weights: equal up to float summation order in its kernels.
+        assert torch.allclose(batch.logprobs, batch.ref_logprobs, atol=1e-5, rtol=0)
     assert torch.equal(batch.values, torch.zeros_like(batch.values))  # zero-initialised head
 
 
@@ -240,8 +245,34 @@ def test_sft_ppo_and_grpo_run_on_a_local_gpt2_with_a_chat_template(task, gpt2_ch
                              f"rl.algorithm={algorithm}", "rl.kl_coef=0.05")
         trainer = RLTrainer(rl_cfg, train, val, sft.model_dir, tmp_path / algorithm, grader=grader)
         batch = trainer.rollout(0, {})
-        assert torch.equal(batch.logprobs, batch.ref_logprobs)
+        assert torch.allclose(batch.logprobs, batch.ref_logprobs, atol=1e-5, rtol=0)
         stats = trainer.update(batch, 0, {})
         assert stats["approx_kl"] >= 0.0
         result = trainer.finish()
         assert (tmp_path / algorithm / "model" / "config.json").exists() and result.model_dir
+
+
+def test_shared_prompt_scoring_equals_scoring_each_row_with_its_prompt(task):
+    from torch import nn
+
+    from rft_core.rl.rollout import pack, score_tokens
+
+    cfg, _, _, model_dir = task
+    model = load_model(model_dir, cfg.model).eval()
+    tok = load_tokenizer(model_dir)
+    prompts = [tok("Ann has 9 pens. Bob has")["input_ids"], tok("Cal")["input_ids"]]
+    completions = [[5, 6, 7, 8], [9, 10], [11], [12, 13, 14], [15, 16, 17, 18, 19], [3]]
+    ids, am, mask = pack([prompts[0]] * 3 + [prompts[1]] * 3, completions, tok.pad_token_id)
+    head = nn.Linear(model.config.hidden_size, 1)
+    torch.manual_seed(0)
+    nn.init.normal_(head.weight)
+    each = score_tokens(model, ids, am, mask.shape[1], 0.8, head)
+    shared = score_tokens(model, ids, am, mask.shape[1], 0.8, head, group_size=3)
+    for a, b in zip(each, shared, strict=True):
+        assert torch.allclose(a * mask, b * mask, atol=1e-5)
+    grads = []
+    for group in (1, 3):
+        model.zero_grad()
+        (score_tokens(model, ids, am, mask.shape[1], 0.8, head, group_size=group)[0] * mask).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))

@@ -25,6 +25,7 @@ import decimal
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -293,7 +294,10 @@ def write_items(frame: pd.DataFrame, path: str | Path) -> Path:
     meta = {"version": 1, "columns": list(frame.columns), "json_columns": json_columns}
     table = table.replace_schema_metadata({_ITEMS_METADATA_KEY: json.dumps(meta).encode("utf-8")})
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    # Write then rename: a reader (another flow run of the same config) never sees half a file.
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    pq.write_table(table, partial)
+    os.replace(partial, path)
     return path
 
 

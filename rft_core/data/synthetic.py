@@ -25,6 +25,7 @@ chains, definitions then evaluation) for a short pretraining of the tiny model.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -296,9 +297,11 @@ def write_synthetic(cfg: SyntheticConfig, out_dir: str | Path) -> tuple[Path, Pa
     paths = []
     for name, records in (("train", train), ("val", val)):
         path = out_dir / f"{name}.jsonl"
-        with path.open("w", encoding="utf-8", newline="\n") as out:
+        partial = out_dir / f".{name}.jsonl.{os.getpid()}.partial"
+        with partial.open("w", encoding="utf-8", newline="\n") as out:
             for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(partial, path)  # readers never see half a file
         paths.append(path)
     return paths[0], paths[1]
 

@@ -34,11 +34,29 @@ class PolicyWithValue(nn.Module):
             nn.init.zeros_(self.value_head.bias)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int, temperature: float
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_length: int,
+        temperature: float,
+        group_size: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         return score_tokens(
-            self.policy, input_ids, attention_mask, response_length, temperature, self.value_head
+            self.policy, input_ids, attention_mask, response_length, temperature, self.value_head, group_size
         )
+
+
+def _token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of `targets` under softmax(logits / T), and the entropy (no gradient)."""
+    logits = logits.float() / temperature
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    with torch.no_grad():
+        probs = torch.softmax(logits, dim=-1)
+        entropy = log_norm - (probs * logits).sum(-1)
+    return logprobs, entropy
 
 
 def score_tokens(
@@ -48,12 +66,17 @@ def score_tokens(
     response_length: int,
     temperature: float = 1.0,
     value_head: nn.Module | None = None,
+    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Log-probabilities of the response tokens (at the sampling temperature), values, entropy.
 
     Only the last R+1 positions' logits are computed (`logits_to_keep`): long prompts cost no
-    vocabulary-sized logits.
+    vocabulary-sized logits. With `group_size` > 1, rows come in groups of that many samples of
+    one prompt: the prompt runs once per group and its KV cache is shared by the group's
+    responses (gradients flow back through it), which saves (K-1)/K of the prompt's compute.
     """
+    if group_size > 1:
+        return _score_shared_prompt(model, input_ids, attention_mask, response_length, temperature, value_head, group_size)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids,
@@ -63,17 +86,58 @@ def score_tokens(
         logits_to_keep=response_length + 1,
         use_cache=False,
     )
-    logits = out.logits[:, :-1].float() / temperature
-    targets = input_ids[:, -response_length:]
-    log_norm = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)
+    logprobs, entropy = _token_stats(out.logits[:, :-1], input_ids[:, -response_length:], temperature)
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1][:, -response_length - 1 : -1]
         values = value_head(hidden).squeeze(-1).float()
+    return logprobs, values, entropy
+
+
+def _score_shared_prompt(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int,
+    temperature: float,
+    value_head: nn.Module | None,
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    from transformers import DynamicCache
+
+    if len(input_ids) % group_size:
+        raise ValueError(f"{len(input_ids)} rows do not make groups of {group_size}")
+    width = input_ids.shape[1] - response_length
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    want_hidden = value_head is not None
+    head = model(
+        input_ids=input_ids[::group_size, :width],
+        attention_mask=attention_mask[::group_size, :width],
+        position_ids=position_ids[::group_size, :width],
+        past_key_values=DynamicCache(),
+        use_cache=True,
+        output_hidden_states=want_hidden,
+        logits_to_keep=1,
+    )
+    logits = [head.logits[:, -1:].repeat_interleave(group_size, dim=0)]
+    hidden = [head.hidden_states[-1][:, -1:].repeat_interleave(group_size, dim=0)] if want_hidden else []
+    if response_length > 1:
+        cache = head.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        # The last response token is only a target: it predicts nothing we score.
+        tail = model(
+            input_ids=input_ids[:, width:-1],
+            attention_mask=attention_mask[:, :-1],
+            position_ids=position_ids[:, width:-1],
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=want_hidden,
+        )
+        logits.append(tail.logits)
+        if want_hidden:
+            hidden.append(tail.hidden_states[-1])
+    logprobs, entropy = _token_stats(torch.cat(logits, dim=1), input_ids[:, width:], temperature)
+    values = value_head(torch.cat(hidden, dim=1)).squeeze(-1).float() if want_hidden else None
     return logprobs, values, entropy
 
 

@@ -78,7 +78,12 @@ class RLTrainer:
                 f"{self.world} processes"
             )
         rows_local = self.rl.prompts_per_iteration * self.rl.samples_per_prompt // self.world
-        self.minibatch_local = max(1, min(rows_local, self.rl.minibatch_size // self.world))
+        k = self.rl.samples_per_prompt
+        # Rows of one prompt stay together (minibatches hold whole groups) so that the prompt can
+        # run once per group; gradient checkpointing cannot reuse a cache, so it turns this off.
+        self.group = k if (self.rl.shared_prompt_forward and k > 1 and not cfg.model.gradient_checkpointing) else 1
+        wanted = min(rows_local, self.rl.minibatch_size // self.world)
+        self.minibatch_local = max(self.group, wanted // self.group * self.group)
         if self.rl.algorithm == "grpo" and self.rl.samples_per_prompt < 2:
             raise ValueError("GRPO needs rl.samples_per_prompt >= 2 (it compares samples of a prompt)")
 
@@ -144,9 +149,9 @@ class RLTrainer:
         if not self._needs_reference():
             return None
         if self.reference is not None:
-            return score_tokens(self.reference, input_ids, attention_mask, length, self.rl.temperature)[0]
+            return score_tokens(self.reference, input_ids, attention_mask, length, self.rl.temperature, None, self.group)[0]
         with self.policy.disable_adapter():
-            return score_tokens(self.policy, input_ids, attention_mask, length, self.rl.temperature)[0]
+            return score_tokens(self.policy, input_ids, attention_mask, length, self.rl.temperature, None, self.group)[0]
 
     # ------------------------------------------------------------------ one iteration
 
@@ -184,7 +189,9 @@ class RLTrainer:
         for start in range(0, len(prompts), self.minibatch_local):
             sl = slice(start, start + self.minibatch_local)
             ids, am = input_ids[sl].to(device), attention_mask[sl].to(device)
-            lp, v, ent = self.accelerator.unwrap_model(self.model)(ids, am, batch.response_length, self.rl.temperature)
+            lp, v, ent = self.accelerator.unwrap_model(self.model)(
+                ids, am, batch.response_length, self.rl.temperature, self.group
+            )
             logprobs.append(lp.cpu())
             entropy.append(ent.cpu())
             if v is not None:
@@ -223,10 +230,11 @@ class RLTrainer:
         sums = {"pg_loss": 0.0, "vf_loss": 0.0, "kl_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
         updates, processed_tokens = 0, 0
         micro = rl.micro_batch_size // self.world if rl.micro_batch_size else self.minibatch_local
-        micro = max(1, min(micro, self.minibatch_local))
+        micro = max(self.group, min(micro, self.minibatch_local) // self.group * self.group)
         for epoch in range(rl.ppo_epochs):
             g = torch.Generator().manual_seed((rl.seed * 1_000_003 + iteration) * 101 + epoch)
-            order = torch.randperm(n_rows, generator=g)
+            groups = torch.randperm(n_rows // self.group, generator=g)
+            order = (groups[:, None] * self.group + torch.arange(self.group)).reshape(-1)
             for start in range(0, n_rows, self.minibatch_local):
                 rows = order[start : start + self.minibatch_local]
                 normaliser = float(self._reduce(mask[rows].sum().reshape(1).double()).item())
@@ -273,7 +281,7 @@ class RLTrainer:
         end = prompt_width + resp_len
         ids = batch.input_ids[rows, first:end].to(device)
         am = am[:, first:end].to(device)
-        logprobs, values, _ = self.model(ids, am, resp_len, self.rl.temperature)
+        logprobs, values, _ = self.model(ids, am, resp_len, self.rl.temperature, self.group)
         cut = slice(0, resp_len)
         kwargs: dict[str, Any] = {}
         if self.rl.algorithm == "ppo":

@@ -1,0 +1,228 @@
+"""`rft serve`: the deployments of `deployments/prefect.yaml` served from this one process.
+
+The local alternative to a work pool and a worker, for a single machine: the same flows, schedules,
+parameters and concurrency limits as `prefect deploy --prefect-file deployments/prefect.yaml --all`
+(they are read from that file), run as subprocesses of `rft serve` (Prefect's `serve`). Scheduled
+runs need a Prefect server, which runs the scheduler: `rft serve` uses the one `PREFECT_API_URL`
+names, else the one answering at http://127.0.0.1:PORT, else it starts `prefect server start` there
+for as long as it runs. Stopping `rft serve` (Ctrl-C) pauses the schedules it served.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+
+DEFAULT_PREFECT_FILE = Path("deployments/prefect.yaml")
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def read_deployments(prefect_file: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """The deployment entries of a prefect.yaml (YAML anchors resolved), optionally only `names`."""
+    try:
+        spec = yaml.safe_load(prefect_file.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise _fail(
+            f"{prefect_file}: not found (run rft serve from the project root, or pass --prefect-file)"
+        ) from None
+    deployments = spec.get("deployments") or []
+    known = [d.get("name") for d in deployments]
+    unknown = sorted(set(names or []) - set(known))
+    if unknown:
+        raise _fail(f"{prefect_file}: no deployment named {', '.join(unknown)} (it has {', '.join(known)})")
+    return [d for d in deployments if not names or d.get("name") in names]
+
+
+def schedules_of(entry: dict[str, Any]) -> list[Any]:
+    """The `schedules:` of a prefect.yaml deployment as Prefect schedule objects."""
+    from prefect.schedules import Cron, Interval, RRule
+
+    result = []
+    for spec in entry.get("schedules") or []:
+        common = {"active": spec.get("active", True), "parameters": spec.get("parameters") or {}}
+        if "cron" in spec:
+            result.append(
+                Cron(spec["cron"], timezone=spec.get("timezone"), day_or=spec.get("day_or", True), **common)
+            )
+        elif "interval" in spec:
+            result.append(Interval(spec["interval"], timezone=spec.get("timezone"), **common))
+        elif "rrule" in spec:
+            result.append(RRule(spec["rrule"], timezone=spec.get("timezone"), **common))
+        else:
+            raise _fail(f"deployment {entry.get('name')}: schedule {spec} has no cron, interval or rrule")
+    return result
+
+
+def to_runner_deployment(entry: dict[str, Any]) -> Any:
+    """One prefect.yaml deployment as a deployment served by this process (no work pool)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(entry["entrypoint"])
+    limit = entry.get("concurrency_limit")
+    if isinstance(limit, dict):
+        limit = ConcurrencyLimitConfig(**limit)
+    return flow.to_deployment(
+        name=entry["name"],
+        schedules=schedules_of(entry),
+        parameters=entry.get("parameters") or {},
+        concurrency_limit=limit,
+        description=entry.get("description"),
+        tags=entry.get("tags"),
+    )
+
+
+def _healthy(api_url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout_s):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+
+
+def _start_server(port: int, console: Console) -> subprocess.Popen[bytes]:
+    """`prefect server start` on 127.0.0.1:PORT (its database: PREFECT_HOME's, as usual)."""
+    prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
+    if prefect is None:
+        raise _fail("the prefect command is not installed next to this Python")
+    api_url = f"http://127.0.0.1:{port}/api"
+    console.print(f"Starting a Prefect server at http://127.0.0.1:{port} (stops with rft serve)")
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not _healthy(api_url):
+        if server.poll() is not None:
+            raise _fail(f"prefect server start exited with code {server.returncode} (is port {port} free?)")
+        if time.monotonic() > deadline:
+            _stop(server)
+            raise _fail(f"the Prefect server at {api_url} did not answer within 120 s")
+        time.sleep(0.5)
+    return server
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a process started in its own session, and everything it started."""
+    for sig, wait_s in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _refuse_worker_deployments(deployments: list[Any]) -> None:
+    """Serving a name that `prefect deploy` gave to a work pool would leave a deployment neither
+    the worker nor this process can run: say so instead."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for deployment in deployments:
+            full_name = f"{deployment.flow_name}/{deployment.name}"
+            try:
+                existing = client.read_deployment_by_name(full_name)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                taken.append((full_name, existing.work_pool_name))
+    if taken:
+        names = ", ".join(f"{name} (work pool {pool})" for name, pool in taken)
+        deletes = "; ".join(f"prefect deployment delete {name}" for name, _ in taken)
+        raise _fail(
+            f"already deployed to a work pool: {names}. Serve them or deploy them, not both: {deletes}"
+        )
+
+
+def serve_cmd(
+    deployment: Annotated[
+        list[str] | None,
+        typer.Option("--deployment", "-d", help="Serve only this deployment (repeatable; default: all)."),
+    ] = None,
+    prefect_file: Annotated[
+        Path, typer.Option("--prefect-file", help="The deployments file (relative to the project root).")
+    ] = DEFAULT_PREFECT_FILE,
+    port: Annotated[
+        int,
+        typer.Option(help="Port of the local Prefect server used or started when PREFECT_API_URL is unset."),
+    ] = 4200,
+    limit: Annotated[
+        int | None, typer.Option(help="Most flow runs at the same time (default: no limit).")
+    ] = None,
+) -> None:
+    """Serve the deployments of deployments/prefect.yaml from this process, on their schedules.
+
+    Run it from the project root. Trigger runs as with a worker, e.g.
+    `prefect deployment run rft-pipeline/rft-pipeline`.
+    """
+    console = Console(highlight=False)
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "1",
+    }.items():
+        os.environ.setdefault(key, value)
+    entries = read_deployments(prefect_file, deployment)
+    # Served runs are subprocesses of this process: the environment a work pool's job variables
+    # would give them is set here instead (a variable already set in the shell wins).
+    for entry in entries:
+        env = ((entry.get("work_pool") or {}).get("job_variables") or {}).get("env") or {}
+        for key, value in env.items():
+            os.environ.setdefault(key, str(value))
+    server = None
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        from prefect.settings import PREFECT_API_URL
+
+        api_url = PREFECT_API_URL.value()
+    if not api_url:
+        api_url = f"http://127.0.0.1:{port}/api"
+        if not _healthy(api_url):
+            server = _start_server(port, console)
+    elif not _healthy(api_url):
+        raise _fail(f"the Prefect API at {api_url} (PREFECT_API_URL) is unreachable")
+    os.environ["PREFECT_API_URL"] = api_url  # for the flow-run subprocesses
+    try:
+        from prefect import serve
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            deployments = [to_runner_deployment(entry) for entry in entries]
+            _refuse_worker_deployments(deployments)
+            console.print(
+                f"Serving {', '.join(e['name'] for e in entries)} with the Prefect API at {api_url}"
+            )
+            serve(*deployments, limit=limit)
+    finally:
+        if server is not None:
+            _stop(server)
+
+
+if __name__ == "__main__":
+    typer.run(serve_cmd)
