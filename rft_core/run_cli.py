@@ -47,6 +47,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("rft").setLevel(logging.INFO)
+    # MLflow's per-model notes and download bars would bury the stage progress lines.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
 
 
 def run_cmd(
