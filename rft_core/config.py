@@ -46,18 +46,20 @@ class SyntheticConfig(Section):
 
     n_train: int = Field(2000, ge=1, description="Items in the training file.")
     n_val: int = Field(300, ge=1, description="Items in the validation file (disjoint from train).")
-    min_steps: int = Field(2, ge=1, description="Fewest arithmetic steps in a problem.")
-    max_steps: int = Field(4, ge=1, description="Most arithmetic steps in a problem.")
-    max_operand: int = Field(20, ge=2, description="Largest operand drawn for a step.")
+    min_steps: int = Field(1, ge=1, description="Fewest arithmetic steps in a problem.")
+    max_steps: int = Field(3, ge=1, description="Most arithmetic steps in a problem.")
+    max_operand: int = Field(5, ge=2, description="Largest operand drawn for a step.")
     max_value: int = Field(
-        200, ge=4, description="Largest value any quantity may take (every result is an integer in 1..this)."
+        30, ge=4, description="Largest value any quantity may take (every result is an integer in 1..this)."
     )
     distractor_fraction: float = Field(
         0.3, ge=0.0, le=1.0,
         description="Share of problems with one unrelated fact (so the model must look up the right name).",
     )
     solution_fraction: float = Field(
-        1.0, ge=0.0, le=1.0, description="Share of training items that carry a worked solution."
+        0.1, ge=0.0, le=1.0,
+        description="Share of training items that carry a worked solution (the RFT setting: few; "
+        "the rest have only the reference answer).",
     )
     slip_fraction: float = Field(
         0.0, ge=0.0, le=1.0,
@@ -134,7 +136,7 @@ class TinyModelConfig(Section):
         512, ge=300, description="Tokenizer vocabulary size (byte-level BPE, digits split: > 256)."
     )
     pretrain_steps: int = Field(
-        0, ge=0,
+        200, ge=0,
         description="Steps of language-model pretraining on generated text of the task's family "
         "before anything else (gives the tiny model prior competence, as a real base model has).",
     )
@@ -179,7 +181,7 @@ class SFTConfig(Section):
     """Warm-up supervised fine-tuning on the items that carry a worked solution."""
 
     enabled: bool = Field(True, description="Run warm-up SFT; off starts RL from the base model.")
-    epochs: float = Field(3.0, gt=0.0, description="Passes over the items with solutions.")
+    epochs: float = Field(10.0, gt=0.0, description="Passes over the items with solutions.")
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps; overrides epochs when set."
     )
@@ -194,7 +196,7 @@ class SFTConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     max_length: int = Field(512, ge=16, description="Longest prompt+solution in tokens; longer is cut.")
     eval_interval: int = Field(
-        0, ge=0, description="Validate every N steps (0: only at the end)."
+        25, ge=0, description="Validate every N steps (0: only at the end)."
     )
     checkpoint_interval: int = Field(
         100, ge=0, description="Checkpoint every N steps (0: only at the end)."
@@ -219,7 +221,7 @@ class RLConfig(Section):
     enabled: bool = Field(True, description="Run the RL stage.")
     algorithm: Literal["ppo", "grpo"] = Field("ppo", description="ppo (value head, GAE) or grpo.")
     iterations: int = Field(
-        50, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
+        60, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
     )
     prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
     samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt (ReFT used 1).")
@@ -237,7 +239,7 @@ class RLConfig(Section):
     generation_batch_size: int = Field(
         256, ge=1, description="Completions generated together (prompts x samples per call)."
     )
-    lr: float = Field(3e-5, gt=0.0, description="Learning rate (AdamW), constant after warm-up.")
+    lr: float = Field(5e-5, gt=0.0, description="Learning rate (AdamW), constant after warm-up.")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear lr warm-up.")
     kl_coef: float = Field(
         0.05, ge=0.0, description="Per-token KL penalty to the warm-up model (ReFT: 0.05 N-CoT, 0.01 P-CoT)."
@@ -254,9 +256,9 @@ class RLConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
     top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
-    max_new_tokens: int = Field(128, ge=1, description="Longest sampled completion.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest sampled completion.")
     max_prompt_length: int = Field(384, ge=8, description="Longer prompts are cut from the left.")
-    eval_interval: int = Field(10, ge=0, description="Validate every N iterations (0: only at the end).")
+    eval_interval: int = Field(20, ge=0, description="Validate every N iterations (0: only at the end).")
     checkpoint_interval: int = Field(10, ge=0, description="Checkpoint every N iterations.")
     keep_best: bool = Field(
         False, description="End with the iterate of best validation accuracy instead of the last."
@@ -314,7 +316,7 @@ class EvalConfig(Section):
     )
     k: int = Field(0, ge=0, description="Samples per item for pass@k and maj@k (0: greedy only).")
     temperature: float = Field(1.0, gt=0.0, description="Temperature of the k samples.")
-    max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
+    max_new_tokens: int = Field(48, ge=1, description="Longest generated answer.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     num_logged_samples: int = Field(32, ge=0, description="Completions kept in the samples table.")
     seed: int = Field(0, description="Seed of the sampled completions.")

@@ -45,6 +45,7 @@ OBJECTS = (
     "eggs", "beads", "plums", "rocks", "keys", "bells", "kites", "pins", "nuts", "dolls", "bags",
     "mugs", "jars", "socks", "pears", "shirts", "bowls",
 )  # fmt: skip
+MAX_ANSWER_SHARE = 0.06  # no answer value is more common than this in a generated set
 CHARS_PER_STEP = 50  # prompt budget: a 4-step prompt (and anything shorter) within 200 characters
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/", "sum": "+"}
 _OP_WEIGHTS = {"add": 3.0, "sub": 3.0, "mul": 2.0, "div": 1.5, "sum": 2.0}
@@ -232,6 +233,7 @@ def _draw_set(
     """`n` problems with distinct normalised prompts, none in the forbidden prompts or templates."""
     problems: list[WordProblem] = []
     seen: set[str] = set()
+    answers: dict[int, int] = {}
     attempts = 0
     while len(problems) < n:
         attempts += 1
@@ -248,6 +250,11 @@ def _draw_set(
         key = normalize_prompt(question)
         if key in seen or key in forbidden_prompts or numbers_stripped(question) in forbidden_templates:
             continue
+        # Halves, thirds and differences pile answers up on small numbers; capping any one answer
+        # at MAX_ANSWER_SHARE keeps "always answer 1" from scoring like a model.
+        if answers.get(problem.answer, 0) >= max(10, MAX_ANSWER_SHARE * n):
+            continue
+        answers[problem.answer] = answers.get(problem.answer, 0) + 1
         seen.add(key)
         problems.append(problem)
     return problems
