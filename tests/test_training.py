@@ -112,7 +112,8 @@ def test_sft_moves_weights_lowers_loss_and_resumes_exactly(task, tmp_path, grade
 
 def test_lora_sft_merges_the_adapter_into_a_full_model(task, tmp_path, grader):
     cfg, train, val, model_dir = task
-    cfg = tiny_config(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "sft.max_steps=3")
+    cfg = tiny_config(tmp_path, "model.lora.enabled=true", "model.lora.r=4", "sft.max_steps=3",
+                      "sft.keep_best=false")
     result = run_sft(cfg, train, val, model_dir, tmp_path / "sft", grader=grader)
     out = tmp_path / "sft" / "model"
     assert not (out / "adapter_config.json").exists()
