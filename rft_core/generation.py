@@ -10,11 +10,16 @@ finished rows leave the batch, so long prompts and uneven lengths cost little.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LlamaForCausalLM
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the
+# old name still works there, with a deprecation warning): use the name this release has.
+CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 _MASK32 = 0xFFFFFFFF
 _HASH_MUL = 0x45D9F3B  # below 2**31, so products of 32-bit values stay inside int64
@@ -87,11 +92,11 @@ def generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
+        **{CACHE_ARG: cache},
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_ARG)
     logits = out.logits[:, -1, :]
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
@@ -136,10 +141,10 @@ def generate(
             input_ids=tokens[:, None],
             attention_mask=attention_mask,
             position_ids=next_position[:, None],
-            past_key_values=cache,
+            **{CACHE_ARG: cache},
             use_cache=True,
         )
-        cache = out.past_key_values
+        cache = getattr(out, CACHE_ARG)
         logits = out.logits[:, -1, :]
         next_position = next_position + 1
     return Generated(completions=completions, stopped=stopped)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rft_core.generation import generate
+from rft_core.generation import CACHE_ARG, generate
 
 
 class PolicyWithValue(nn.Module):
@@ -114,7 +114,7 @@ def _score_shared_prompt(
         input_ids=input_ids[::group_size, :width],
         attention_mask=attention_mask[::group_size, :width],
         position_ids=position_ids[::group_size, :width],
-        past_key_values=DynamicCache(),
+        **{CACHE_ARG: DynamicCache()},
         use_cache=True,
         output_hidden_states=want_hidden,
         logits_to_keep=1,
@@ -122,14 +122,14 @@ def _score_shared_prompt(
     logits = [head.logits[:, -1:].repeat_interleave(group_size, dim=0)]
     hidden = [head.hidden_states[-1][:, -1:].repeat_interleave(group_size, dim=0)] if want_hidden else []
     if response_length > 1:
-        cache = head.past_key_values
+        cache = getattr(head, CACHE_ARG)
         cache.batch_repeat_interleave(group_size)
         # The last response token is only a target: it predicts nothing we score.
         tail = model(
             input_ids=input_ids[:, width:-1],
             attention_mask=attention_mask[:, :-1],
             position_ids=position_ids[:, width:-1],
-            past_key_values=cache,
+            **{CACHE_ARG: cache},
             use_cache=True,
             output_hidden_states=want_hidden,
         )
