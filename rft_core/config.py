@@ -239,8 +239,13 @@ class RLConfig(Section):
     generation_batch_size: int = Field(
         256, ge=1, description="Completions generated together (prompts x samples per call)."
     )
-    lr: float = Field(5e-5, gt=0.0, description="Learning rate (AdamW), constant after warm-up.")
+    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear lr warm-up.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="Decay over iterations after warm-up: iteration i of n trains at lr x 1 "
+        "(constant), 1 - i/n (linear) or (1 + cos(pi i/n))/2 (cosine).",
+    )
     kl_coef: float = Field(
         0.05, ge=0.0, description="Per-token KL penalty to the warm-up model (ReFT: 0.05 N-CoT, 0.01 P-CoT)."
     )

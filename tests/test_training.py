@@ -159,7 +159,8 @@ def test_ppo_iteration_moves_the_policy_and_value_head(task, tmp_path, grader):
 
 def test_rl_resume_after_a_crash_gives_the_same_final_model_and_metrics(task, tmp_path, grader):
     cfg, train, val, model_dir = task
-    cfg = tiny_config(tmp_path, "rl.iterations=3")
+    # Cosine decay with a warm-up step: the learning rate is part of what a resume must restore.
+    cfg = tiny_config(tmp_path, "rl.iterations=3", "rl.lr_scheduler=cosine", "rl.warmup_steps=1")
     logged_full = []
     full = run_rl(cfg, train, val, model_dir, tmp_path / "full", grader=grader,
                   log=lambda m, s: logged_full.append((s, m)))
@@ -174,8 +175,11 @@ def test_rl_resume_after_a_crash_gives_the_same_final_model_and_metrics(task, tm
     assert resumed.metrics == full.metrics
     last_full = dict(logged_full)[3]
     last_resumed = dict(logged)[3]
-    for key in ("reward_mean", "kl", "pg_loss", "vf_loss", "entropy"):
+    for key in ("reward_mean", "kl", "pg_loss", "vf_loss", "entropy", "lr"):
         assert last_resumed[key] == last_full[key]
+    # Iteration i of 3 trains at lr x (1 + cos(pi i / 3)) / 2: 1, 0.75, 0.25.
+    lrs = [m["lr"] for _, m in sorted(logged_full, key=lambda e: e[0]) if "lr" in m]
+    assert lrs == pytest.approx([cfg.rl.lr * f for f in (1.0, 0.75, 0.25)])
 
 
 def test_grpo_reports_groups_without_signal_and_needs_groups(task, tmp_path, grader):

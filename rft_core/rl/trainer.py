@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -102,8 +103,11 @@ class RLTrainer:
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.rl.lr, eps=1e-5, weight_decay=0.0)
         warmup = self.rl.warmup_steps
+        # Warm-up counts optimizer steps; the decay counts iterations (their number of optimizer
+        # steps varies), set by `_set_iteration_lr` at the start of each one.
+        self._decay = 1.0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            self.optimizer, lambda step: (min(1.0, (step + 1) / warmup) if warmup else 1.0) * self._decay
         )
         self.state: dict[str, Any] = {"history": [], "best": None, "best_iteration": None}
         self.start_iteration = 0
@@ -351,6 +355,19 @@ class RLTrainer:
             )
         self.accelerator.wait_for_everyone()
 
+    def _set_iteration_lr(self, iteration: int) -> None:
+        """The learning rate of this iteration: warm-up x decay(iteration / iterations). A function of
+        the iteration and the step count only, so a resumed run trains at the same rates."""
+        progress = iteration / self.rl.iterations
+        self._decay = {
+            "constant": 1.0,
+            "linear": 1.0 - progress,
+            "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+        }[self.rl.lr_scheduler]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+
     def run(self) -> StageResult:
         rl = self.rl
         if self.start_iteration == 0 and rl.eval_interval:
@@ -358,6 +375,7 @@ class RLTrainer:
         for iteration in range(self.start_iteration, rl.iterations):
             timings: dict[str, float] = {}
             started = time.perf_counter()
+            self._set_iteration_lr(iteration)
             batch = self.rollout(iteration, timings)
             stats = self.rollout_stats(batch, timings)
             stats.update(self.update(batch, iteration, timings))
