@@ -221,7 +221,7 @@ class RLConfig(Section):
     enabled: bool = Field(True, description="Run the RL stage.")
     algorithm: Literal["ppo", "grpo"] = Field("ppo", description="ppo (value head, GAE) or grpo.")
     iterations: int = Field(
-        60, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
+        200, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
     )
     prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
     samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt (ReFT used 1).")
@@ -239,7 +239,7 @@ class RLConfig(Section):
     generation_batch_size: int = Field(
         256, ge=1, description="Completions generated together (prompts x samples per call)."
     )
-    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear lr warm-up.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
         "constant",
