@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -70,6 +71,10 @@ def run_seed(seed: int, regime: str, root: Path, overrides: list[str], algorithm
         f"output_dir={root}", *overrides,
     ])
     work = root / f"seed{seed}-{regime}"
+    # Every run trains from scratch: stage directories of an earlier run (other settings, or an
+    # interrupted one) would otherwise be resumed. Only the base model is cached (keyed on its settings).
+    for stage in ("sft", "ppo", "grpo"):
+        shutil.rmtree(work / stage, ignore_errors=True)
     train_path, val_path = write_synthetic(cfg.data.synthetic, work / "data")
     train, val = load_items(train_path).frame, load_items(val_path).frame
     started = time.perf_counter()

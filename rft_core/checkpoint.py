@@ -84,3 +84,32 @@ def load_optimizer_states(
     torch.set_rng_state(rng["torch"])
     extra = path / "extra.pt"
     return torch.load(extra, map_location="cpu", weights_only=True) if extra.exists() else {}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint found in the output directory was written by a run with other settings."""
+
+
+def run_settings(section: Any, *, ignore: set[str], **extra: Any) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: a config section's fields (less `ignore`, the
+    ones that change no computation, such as intervals and lengths of the run) and `extra` facts
+    (the starting model, the number of examples). JSON values, so it compares with `state.json`."""
+    settings = {**section.model_dump(mode="json", exclude=ignore), **extra}
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+def check_resumable(checkpoint: str | Path, settings: dict[str, Any], prefix: str) -> None:
+    """Refuse to resume from a checkpoint written with other settings: its weights, optimizer and
+    position belong to another run, and continuing from them would mix two runs without a word.
+    Checkpoints older than this check carry no settings and are accepted."""
+    saved = load_state(checkpoint).get("settings")
+    if saved is None:
+        return
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if changed:
+        details = ", ".join(f"{prefix}{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise CheckpointMismatchError(
+            f"the checkpoint {checkpoint} was written by a run with other settings ({details}); "
+            f"delete {Path(checkpoint).parent} (or use another output directory) to start over, "
+            "or restore those settings to resume it"
+        )

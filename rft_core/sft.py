@@ -12,6 +12,7 @@ The same loop pretrains the tiny model on generated documents (`train_language_m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -27,7 +28,14 @@ import torch
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
-from rft_core.checkpoint import latest_checkpoint, load_optimizer_states, load_state, save_checkpoint
+from rft_core.checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_optimizer_states,
+    load_state,
+    run_settings,
+    save_checkpoint,
+)
 from rft_core.config import RFTConfig, SFTConfig
 from rft_core.models import (
     add_lora,
@@ -157,6 +165,19 @@ def validation_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id:
     return total / max(1, count)
 
 
+def examples_digest(examples: Sequence[Example]) -> str:
+    """A short fingerprint of the training sequences (their tokens and which ones carry the loss)."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(repr((ex.prompt_ids, ex.completion_ids)).encode())
+    return h.hexdigest()[:16]
+
+
+# Fields that change how long a run is or what it reports, not what a step computes: a resumed run
+# may change them (e.g. train for more epochs).
+_SFT_RUN_LENGTH_FIELDS = {"enabled", "epochs", "max_steps", "eval_interval", "checkpoint_interval", "keep_best"}
+
+
 def train_examples(
     *,
     make_model: Callable[[Path | None], torch.nn.Module],
@@ -167,12 +188,15 @@ def train_examples(
     accelerator: Accelerator,
     log: LogFn | None = None,
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
     """The supervised loop. Returns the trained model (best checkpoint's weights when
     `settings.keep_best` and validation ran), the metric history and the final state.
 
     `make_model(checkpoint_model_dir or None)` builds the trainable model: from the base, or from a
-    checkpoint's `model/` directory when resuming.
+    checkpoint's `model/` directory when resuming. A checkpoint left in `out_dir` by a run with
+    other settings (the training fields of `settings`, the examples, `identity`: e.g. the starting
+    model) is refused.
     """
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -186,6 +210,12 @@ def train_examples(
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * n / global_batch))
 
     resume_from = latest_checkpoint(ckpt_root)
+    run_identity = run_settings(
+        settings, ignore=_SFT_RUN_LENGTH_FIELDS, examples=examples_digest(examples), processes=world,
+        **(identity or {}),
+    )
+    if resume_from is not None:
+        check_resumable(resume_from, run_identity, "sft.")
     model = make_model(resume_from / "model" if resume_from else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -201,6 +231,7 @@ def train_examples(
         state = load_state(resume_from)
         start_step = state.pop("step")
         logger.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
+    state["settings"] = run_identity
     model, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
@@ -379,6 +410,10 @@ def run_sft(
         model, history, state = train_examples(
             make_model=make_model, tokenizer=tokenizer, examples=examples, settings=cfg.sft,
             out_dir=out_dir, accelerator=accelerator, log=log, evaluate_fn=evaluate_fn,
+            identity={
+                "start_model": str(base_model),
+                "lora": cfg.model.lora.model_dump(mode="json"),
+            },
         )
     finally:
         if own_grader and hasattr(grader, "close"):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from training_fixtures import Crash, crash_at, tiny_config, tiny_task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rft_core.checkpoint import CheckpointMismatchError
 from rft_core.evaluate import evaluate, pass_and_majority
 from rft_core.generation import generate, row_seeds
 from rft_core.graders import build_grader
@@ -180,6 +181,30 @@ def test_rl_resume_after_a_crash_gives_the_same_final_model_and_metrics(task, tm
     # Iteration i of 3 trains at lr x (1 + cos(pi i / 3)) / 2: 1, 0.75, 0.25.
     lrs = [m["lr"] for _, m in sorted(logged_full, key=lambda e: e[0]) if "lr" in m]
     assert lrs == pytest.approx([cfg.rl.lr * f for f in (1.0, 0.75, 0.25)])
+
+
+def test_a_checkpoint_of_a_run_with_other_settings_is_refused_not_resumed(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    short = tiny_config(tmp_path, "rl.iterations=1", "rl.checkpoint_interval=1", "rl.eval_interval=0")
+    run_rl(short, train, val, model_dir, tmp_path / "rl", grader=grader)
+    other_lr = tiny_config(tmp_path, "rl.iterations=2", "rl.lr=3e-4", "rl.eval_interval=0")
+    with pytest.raises(CheckpointMismatchError, match=r"rl\.lr: 0\.001 -> 0\.0003") as err:
+        run_rl(other_lr, train, val, model_dir, tmp_path / "rl", grader=grader)
+    assert str(tmp_path / "rl" / "checkpoints") in str(err.value)
+    with pytest.raises(CheckpointMismatchError, match="rl.items"):
+        run_rl(short.model_copy(update={"rl": short.rl.model_copy(update={"iterations": 2})}),
+               train.iloc[1:], val, model_dir, tmp_path / "rl", grader=grader)
+    # More iterations, other intervals: the same run, continued.
+    longer = tiny_config(tmp_path, "rl.iterations=2", "rl.eval_interval=2")
+    logged = []
+    run_rl(longer, train, val, model_dir, tmp_path / "rl", grader=grader, log=lambda m, s: logged.append(s))
+    assert 1 not in logged and 2 in logged
+
+    sft = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"max_steps": 2, "checkpoint_interval": 2})})
+    run_sft(sft, train, val, model_dir, tmp_path / "sft", grader=grader)
+    other_batch = sft.model_copy(update={"sft": sft.sft.model_copy(update={"max_steps": 3, "batch_size": 3})})
+    with pytest.raises(CheckpointMismatchError, match="sft.batch_size"):
+        run_sft(other_batch, train, val, model_dir, tmp_path / "sft", grader=grader)
 
 
 def test_grpo_reports_groups_without_signal_and_needs_groups(task, tmp_path, grader):

@@ -10,6 +10,7 @@ same batch split over several processes computes the same update.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -23,7 +24,14 @@ import pandas as pd
 import torch
 from accelerate import Accelerator
 
-from rft_core.checkpoint import latest_checkpoint, load_optimizer_states, load_state, save_checkpoint
+from rft_core.checkpoint import (
+    check_resumable,
+    latest_checkpoint,
+    load_optimizer_states,
+    load_state,
+    run_settings,
+    save_checkpoint,
+)
 from rft_core.config import RFTConfig
 from rft_core.evaluate import decode, eos_ids, evaluate, item_records, prompt_token_ids
 from rft_core.generation import row_seeds
@@ -46,6 +54,13 @@ from rft_core.sft import StageResult, make_accelerator, selection_key, step_posi
 logger = logging.getLogger("rft.rl")
 
 LogFn = Callable[[dict[str, float], int], None]
+
+# Fields that change how long a run is, what it reports or how work is batched, not what an
+# iteration computes: a resumed run may change them (e.g. run more iterations).
+_RL_RUN_LENGTH_FIELDS = {
+    "enabled", "iterations", "eval_interval", "checkpoint_interval", "keep_best",
+    "generation_batch_size", "micro_batch_size",
+}
 
 
 class RLTrainer:
@@ -94,6 +109,12 @@ class RLTrainer:
         self.eos = eos_ids(self.tokenizer)
 
         resume_from = latest_checkpoint(self.ckpt_root)
+        self.identity = run_settings(
+            self.rl, ignore=_RL_RUN_LENGTH_FIELDS, start_model=self.init_model,
+            lora=cfg.model.lora.model_dump(mode="json"), items=self._items_digest(),
+        )
+        if resume_from is not None:
+            check_resumable(resume_from, self.identity, "rl.")
         policy = self._build_policy(resume_from)
         self.module = PolicyWithValue(policy, with_value_head=self.rl.algorithm == "ppo").to(self.accelerator.device)
         self.reference = None
@@ -120,10 +141,17 @@ class RLTrainer:
             self.state = load_state(resume_from)
             self.start_iteration = self.state.pop("step")
             logger.info("resuming RL from %s (iteration %d)", resume_from, self.start_iteration)
+        self.state["settings"] = self.identity
         self.model, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         self.model.eval()  # no dropout anywhere in RL: sampling, scoring and updates see one policy
 
     # ------------------------------------------------------------------ set-up
+
+    def _items_digest(self) -> str:
+        """A short fingerprint of the training prompts (as tokens) and their reference answers."""
+        h = hashlib.sha256(repr(self.prompts).encode())
+        h.update(repr(list(self.train["reference"])).encode())
+        return h.hexdigest()[:16]
 
     def _needs_reference(self) -> bool:
         return self.rl.kl_coef > 0
