@@ -40,19 +40,23 @@ class PolicyWithValue(nn.Module):
         response_length: int,
         temperature: float,
         group_size: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        with_entropy: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         return score_tokens(
-            self.policy, input_ids, attention_mask, response_length, temperature, self.value_head, group_size
+            self.policy, input_ids, attention_mask, response_length, temperature, self.value_head, group_size,
+            with_entropy,
         )
 
 
 def _token_stats(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of `targets` under softmax(logits / T), and the entropy (no gradient)."""
     logits = logits.float() / temperature
     log_norm = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    if not with_entropy:
+        return logprobs, None
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)
         entropy = log_norm - (probs * logits).sum(-1)
@@ -67,8 +71,10 @@ def score_tokens(
     temperature: float = 1.0,
     value_head: nn.Module | None = None,
     group_size: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Log-probabilities of the response tokens (at the sampling temperature), values, entropy.
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probabilities of the response tokens (at the sampling temperature), values, entropy
+    (None without `with_entropy`: the update needs none, and it costs a softmax over the vocabulary).
 
     Only the last R+1 positions' logits are computed (`logits_to_keep`): long prompts cost no
     vocabulary-sized logits. With `group_size` > 1, rows come in groups of that many samples of
@@ -76,7 +82,9 @@ def score_tokens(
     responses (gradients flow back through it), which saves (K-1)/K of the prompt's compute.
     """
     if group_size > 1:
-        return _score_shared_prompt(model, input_ids, attention_mask, response_length, temperature, value_head, group_size)
+        return _score_shared_prompt(
+            model, input_ids, attention_mask, response_length, temperature, value_head, group_size, with_entropy
+        )
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
         input_ids=input_ids,
@@ -86,7 +94,7 @@ def score_tokens(
         logits_to_keep=response_length + 1,
         use_cache=False,
     )
-    logprobs, entropy = _token_stats(out.logits[:, :-1], input_ids[:, -response_length:], temperature)
+    logprobs, entropy = _token_stats(out.logits[:, :-1], input_ids[:, -response_length:], temperature, with_entropy)
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1][:, -response_length - 1 : -1]
@@ -102,7 +110,8 @@ def _score_shared_prompt(
     temperature: float,
     value_head: nn.Module | None,
     group_size: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     from transformers import DynamicCache
 
     if len(input_ids) % group_size:
@@ -136,7 +145,7 @@ def _score_shared_prompt(
         logits.append(tail.logits)
         if want_hidden:
             hidden.append(tail.hidden_states[-1])
-    logprobs, entropy = _token_stats(torch.cat(logits, dim=1), input_ids[:, width:], temperature)
+    logprobs, entropy = _token_stats(torch.cat(logits, dim=1), input_ids[:, width:], temperature, with_entropy)
     values = value_head(torch.cat(hidden, dim=1)).squeeze(-1).float() if want_hidden else None
     return logprobs, values, entropy
 

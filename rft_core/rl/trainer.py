@@ -181,9 +181,13 @@ class RLTrainer:
         if not self._needs_reference():
             return None
         if self.reference is not None:
-            return score_tokens(self.reference, input_ids, attention_mask, length, self.rl.temperature, None, self.group)[0]
+            return score_tokens(
+                self.reference, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
+            )[0]
         with self.policy.disable_adapter():
-            return score_tokens(self.policy, input_ids, attention_mask, length, self.rl.temperature, None, self.group)[0]
+            return score_tokens(
+                self.policy, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
+            )[0]
 
     # ------------------------------------------------------------------ one iteration
 
@@ -313,7 +317,7 @@ class RLTrainer:
         end = prompt_width + resp_len
         ids = batch.input_ids[rows, first:end].to(device)
         am = am[:, first:end].to(device)
-        logprobs, values, _ = self.model(ids, am, resp_len, self.rl.temperature, self.group)
+        logprobs, values, _ = self.model(ids, am, resp_len, self.rl.temperature, self.group, with_entropy=False)
         cut = slice(0, resp_len)
         kwargs: dict[str, Any] = {}
         if self.rl.algorithm == "ppo":
