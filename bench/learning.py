@@ -6,6 +6,7 @@ competence, as a real base model has), then
   validated along the way, ending on the best validation checkpoint (generous to SFT);
 - PPO and GRPO: RL on all training items (reference answers only) with the grader, starting from that
   best SFT model; their *final* model is scored (no checkpoint picking on validation).
+  RL budget: 400 iterations of 32 prompts x 4 samples, lr 2e-4 decayed to 0 (cosine).
 Regimes: `few` (a small share of items with solutions, the RFT setting) and `all` (every item).
 
     python bench/learning.py --out bench/results/learning.json --seeds 3 [--regime few|all|both] [--set k=v]
@@ -43,8 +44,9 @@ SETTINGS = [
     "sft.lr_scheduler=cosine",
     "sft.eval_interval=25",
     "sft.keep_best=true",
-    "rl.iterations=200",
-    "rl.lr=1e-4",
+    "rl.iterations=400",
+    "rl.lr=2e-4",
+    "rl.lr_scheduler=cosine",
     "rl.eval_interval=20",
     "rl.keep_best=false",
     "rl.max_new_tokens=48",
