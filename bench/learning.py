@@ -120,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results/learning.json"))
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run: first-seed .. first-seed + seeds - 1")
     parser.add_argument("--regime", choices=["few", "all", "both"], default="both")
     parser.add_argument("--algorithms", default="ppo,grpo")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -130,7 +131,7 @@ def main() -> None:
     algorithms = [a for a in args.algorithms.split(",") if a]
     rows = []
     for regime in regimes:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             row = run_seed(seed, regime, args.workdir, args.overrides, algorithms)
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith(("_curve", "_train_reward"))}), flush=True)
