@@ -8,6 +8,7 @@ the step is the whole position: resuming replays nothing and skips nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,12 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     dirs = checkpoint_dirs(root)
     return dirs[-1] if dirs else None
+
+
+def hash_of(*parts: Any) -> str:
+    """A short stable digest of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def save_checkpoint(
@@ -93,23 +100,27 @@ class CheckpointMismatchError(ValueError):
 def run_settings(section: Any, *, ignore: set[str], **extra: Any) -> dict[str, Any]:
     """What a checkpoint must agree on to be resumed: a config section's fields (less `ignore`, the
     ones that change no computation, such as intervals and lengths of the run) and `extra` facts
-    (the starting model, the number of examples). JSON values, so it compares with `state.json`."""
+    (the starting model, a `hash_of` the data). JSON values, so it compares with `state.json`."""
     settings = {**section.model_dump(mode="json", exclude=ignore), **extra}
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-def check_resumable(checkpoint: str | Path, settings: dict[str, Any], prefix: str) -> None:
-    """Refuse to resume from a checkpoint written with other settings: its weights, optimizer and
-    position belong to another run, and continuing from them would mix two runs without a word.
-    Checkpoints older than this check carry no settings and are accepted."""
-    saved = load_state(checkpoint).get("settings")
+def resumable_checkpoint(root: str | Path, settings: dict[str, Any], prefix: str) -> Path | None:
+    """The latest checkpoint under `root` to resume from, or None to start fresh.
+
+    Refuses one written with other settings: its weights, optimizer and position belong to another
+    run, and continuing from them would mix two runs without a word. Checkpoints older than this
+    check carry no settings and are accepted."""
+    checkpoint = latest_checkpoint(root)
+    saved = load_state(checkpoint).get("settings") if checkpoint is not None else None
     if saved is None:
-        return
+        return checkpoint
     changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
     if changed:
         details = ", ".join(f"{prefix}{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise CheckpointMismatchError(
             f"the checkpoint {checkpoint} was written by a run with other settings ({details}); "
-            f"delete {Path(checkpoint).parent} (or use another output directory) to start over, "
+            f"delete {Path(root)} (or use another output directory) to start over, "
             "or restore those settings to resume it"
         )
+    return checkpoint

@@ -12,7 +12,6 @@ The same loop pretrains the tiny model on generated documents (`train_language_m
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -29,10 +28,10 @@ from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rft_core.checkpoint import (
-    check_resumable,
-    latest_checkpoint,
+    hash_of,
     load_optimizer_states,
     load_state,
+    resumable_checkpoint,
     run_settings,
     save_checkpoint,
 )
@@ -165,14 +164,6 @@ def validation_loss(model: torch.nn.Module, examples: Sequence[Example], pad_id:
     return total / max(1, count)
 
 
-def examples_digest(examples: Sequence[Example]) -> str:
-    """A short fingerprint of the training sequences (their tokens and which ones carry the loss)."""
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(repr((ex.prompt_ids, ex.completion_ids)).encode())
-    return h.hexdigest()[:16]
-
-
 # Fields that change how long a run is or what it reports, not what a step computes: a resumed run
 # may change them (e.g. train for more epochs).
 _SFT_RUN_LENGTH_FIELDS = {"enabled", "epochs", "max_steps", "eval_interval", "checkpoint_interval", "keep_best"}
@@ -209,13 +200,11 @@ def train_examples(
         raise ValueError("no training examples (SFT needs items with a worked solution)")
     total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * n / global_batch))
 
-    resume_from = latest_checkpoint(ckpt_root)
     run_identity = run_settings(
-        settings, ignore=_SFT_RUN_LENGTH_FIELDS, examples=examples_digest(examples), processes=world,
-        **(identity or {}),
+        settings, ignore=_SFT_RUN_LENGTH_FIELDS, processes=world, **(identity or {}),
+        examples=hash_of([(ex.prompt_ids, ex.completion_ids) for ex in examples]),
     )
-    if resume_from is not None:
-        check_resumable(resume_from, run_identity, "sft.")
+    resume_from = resumable_checkpoint(ckpt_root, run_identity, "sft.")
     model = make_model(resume_from / "model" if resume_from else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)

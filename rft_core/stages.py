@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rft_core import tracking
+from rft_core.checkpoint import hash_of
 from rft_core.config import RFTConfig
 
 logger = logging.getLogger("rft.stages")
@@ -50,12 +51,6 @@ def file_digest(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-def hash_of(*parts: Any) -> str:
-    """A short stable digest of JSON-able parts."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # The config fields each stage reads. A change elsewhere does not invalidate the stage.

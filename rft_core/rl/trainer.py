@@ -10,7 +10,6 @@ same batch split over several processes computes the same update.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -25,10 +24,10 @@ import torch
 from accelerate import Accelerator
 
 from rft_core.checkpoint import (
-    check_resumable,
-    latest_checkpoint,
+    hash_of,
     load_optimizer_states,
     load_state,
+    resumable_checkpoint,
     run_settings,
     save_checkpoint,
 )
@@ -108,13 +107,11 @@ class RLTrainer:
         self.items = item_records(self.train)
         self.eos = eos_ids(self.tokenizer)
 
-        resume_from = latest_checkpoint(self.ckpt_root)
-        self.identity = run_settings(
+        identity = run_settings(
             self.rl, ignore=_RL_RUN_LENGTH_FIELDS, start_model=self.init_model,
-            lora=cfg.model.lora.model_dump(mode="json"), items=self._items_digest(),
+            lora=cfg.model.lora.model_dump(mode="json"), items=hash_of(self.prompts, list(self.train["reference"])),
         )
-        if resume_from is not None:
-            check_resumable(resume_from, self.identity, "rl.")
+        resume_from = resumable_checkpoint(self.ckpt_root, identity, "rl.")
         policy = self._build_policy(resume_from)
         self.module = PolicyWithValue(policy, with_value_head=self.rl.algorithm == "ppo").to(self.accelerator.device)
         self.reference = None
@@ -141,17 +138,11 @@ class RLTrainer:
             self.state = load_state(resume_from)
             self.start_iteration = self.state.pop("step")
             logger.info("resuming RL from %s (iteration %d)", resume_from, self.start_iteration)
-        self.state["settings"] = self.identity
+        self.state["settings"] = identity
         self.model, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         self.model.eval()  # no dropout anywhere in RL: sampling, scoring and updates see one policy
 
     # ------------------------------------------------------------------ set-up
-
-    def _items_digest(self) -> str:
-        """A short fingerprint of the training prompts (as tokens) and their reference answers."""
-        h = hashlib.sha256(repr(self.prompts).encode())
-        h.update(repr(list(self.train["reference"])).encode())
-        return h.hexdigest()[:16]
 
     def _needs_reference(self) -> bool:
         return self.rl.kl_coef > 0
