@@ -256,7 +256,13 @@ class RLConfig(Section):
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
     clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip.")
     vf_clip_range: float = Field(0.2, gt=0.0, description="Value prediction clip around old values.")
-    vf_coef: float = Field(5.0, ge=0.0, description="Value loss coefficient (ReFT: 5).")
+    vf_coef: float = Field(
+        0.5, ge=0.0,
+        description="Value loss coefficient. The value head shares the policy's trunk, so this weighs "
+        "the critic's gradient against the policy's: 0.5 as in shared-trunk PPO (OpenAI baselines, "
+        "CleanRL); ReFT's 5 (7B models at lr 3e-7) let the value loss take over the trunk and collapse "
+        "the tiny model's policy (bench/README.md).",
+    )
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
