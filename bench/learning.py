@@ -125,7 +125,14 @@ def main() -> None:
     parser.add_argument("--algorithms", default="ppo,grpo")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--workdir", type=Path, default=Path("bench/results/learning-work"))
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (CPU results depend on it: the README's figures used 1)",
+    )
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     regimes = ["few", "all"] if args.regime == "both" else [args.regime]
     algorithms = [a for a in args.algorithms.split(",") if a]
