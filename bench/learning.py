@@ -150,11 +150,9 @@ def main() -> None:
 
 
 def summarise(rows: list[dict], args: argparse.Namespace) -> dict:
-    import torch
-
     # CPU results depend on the intra-op thread count (float reduction order): record it.
     out: dict = {"settings": SETTINGS, "regime_settings": REGIME_SETTINGS, "overrides": args.overrides,
-                 "torch_threads": torch.get_num_threads(), "rows": rows}
+                 "torch_threads": args.threads, "rows": rows}
     for regime in REGIMES:
         mine = [r for r in rows if r["regime"] == regime]
         if not mine:
