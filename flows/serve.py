@@ -1,4 +1,4 @@
-"""`rft serve`: the deployments of `deployments/prefect.yaml` served from this one process.
+"""The deployments of `deployments/prefect.yaml` served from this one process (`rft serve`).
 
 The local alternative to a work pool and a worker, for a single machine: the same flows, schedules,
 parameters and concurrency limits as `prefect deploy --prefect-file deployments/prefect.yaml --all`
@@ -19,19 +19,16 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Any
 
-import typer
 import yaml
-from rich.console import Console
-from rich.markup import escape
 
 DEFAULT_PREFECT_FILE = Path("deployments/prefect.yaml")
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
+class ServeError(RuntimeError):
+    """A deployments file, server or deployment state that serving cannot use; the message says why."""
 
 
 def read_deployments(prefect_file: Path, names: list[str] | None = None) -> list[dict[str, Any]]:
@@ -39,14 +36,14 @@ def read_deployments(prefect_file: Path, names: list[str] | None = None) -> list
     try:
         spec = yaml.safe_load(prefect_file.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise _fail(
+        raise ServeError(
             f"{prefect_file}: not found (run rft serve from the project root, or pass --prefect-file)"
         ) from None
     deployments = spec.get("deployments") or []
     known = [d.get("name") for d in deployments]
     unknown = sorted(set(names or []) - set(known))
     if unknown:
-        raise _fail(f"{prefect_file}: no deployment named {', '.join(unknown)} (it has {', '.join(known)})")
+        raise ServeError(f"{prefect_file}: no deployment named {', '.join(unknown)} (it has {', '.join(known)})")
     return [d for d in deployments if not names or d.get("name") in names]
 
 
@@ -66,7 +63,7 @@ def schedules_of(entry: dict[str, Any]) -> list[Any]:
         elif "rrule" in spec:
             result.append(RRule(spec["rrule"], timezone=spec.get("timezone"), **common))
         else:
-            raise _fail(f"deployment {entry.get('name')}: schedule {spec} has no cron, interval or rrule")
+            raise ServeError(f"deployment {entry.get('name')}: schedule {spec} has no cron, interval or rrule")
     return result
 
 
@@ -99,13 +96,13 @@ def _healthy(api_url: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
-def _start_server(port: int, console: Console) -> subprocess.Popen[bytes]:
+def _start_server(port: int, say: Callable[[str], None]) -> subprocess.Popen[bytes]:
     """`prefect server start` on 127.0.0.1:PORT (its database: PREFECT_HOME's, as usual)."""
     prefect = shutil.which("prefect", path=str(Path(sys.executable).parent)) or shutil.which("prefect")
     if prefect is None:
-        raise _fail("the prefect command is not installed next to this Python")
+        raise ServeError("the prefect command is not installed next to this Python")
     api_url = f"http://127.0.0.1:{port}/api"
-    console.print(f"Starting a Prefect server at http://127.0.0.1:{port} (stops with rft serve)")
+    say(f"Starting a Prefect server at http://127.0.0.1:{port} (stops with rft serve)")
     server = subprocess.Popen(
         [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -114,10 +111,10 @@ def _start_server(port: int, console: Console) -> subprocess.Popen[bytes]:
     deadline = time.monotonic() + 120
     while not _healthy(api_url):
         if server.poll() is not None:
-            raise _fail(f"prefect server start exited with code {server.returncode} (is port {port} free?)")
+            raise ServeError(f"prefect server start exited with code {server.returncode} (is port {port} free?)")
         if time.monotonic() > deadline:
             _stop(server)
-            raise _fail(f"the Prefect server at {api_url} did not answer within 120 s")
+            raise ServeError(f"the Prefect server at {api_url} did not answer within 120 s")
         time.sleep(0.5)
     return server
 
@@ -155,40 +152,31 @@ def _refuse_worker_deployments(deployments: list[Any]) -> None:
     if taken:
         names = ", ".join(f"{name} (work pool {pool})" for name, pool in taken)
         deletes = "; ".join(f"prefect deployment delete {name}" for name, _ in taken)
-        raise _fail(
+        raise ServeError(
             f"already deployed to a work pool: {names}. Serve them or deploy them, not both: {deletes}"
         )
 
 
-def serve_cmd(
-    deployment: Annotated[
-        list[str] | None,
-        typer.Option("--deployment", "-d", help="Serve only this deployment (repeatable; default: all)."),
-    ] = None,
-    prefect_file: Annotated[
-        Path, typer.Option("--prefect-file", help="The deployments file (relative to the project root).")
-    ] = DEFAULT_PREFECT_FILE,
-    port: Annotated[
-        int,
-        typer.Option(help="Port of the local Prefect server used or started when PREFECT_API_URL is unset."),
-    ] = 4200,
-    limit: Annotated[
-        int | None, typer.Option(help="Most flow runs at the same time (default: no limit).")
-    ] = None,
+def serve_deployments(
+    prefect_file: Path = DEFAULT_PREFECT_FILE,
+    names: list[str] | None = None,
+    *,
+    port: int = 4200,
+    limit: int | None = None,
+    say: Callable[[str], None] = print,
 ) -> None:
-    """Serve the deployments of deployments/prefect.yaml from this process, on their schedules.
+    """Serve the deployments of `prefect_file` (or only `names`) from this process until stopped.
 
-    Run it from the project root. Trigger runs as with a worker, e.g.
-    `prefect deployment run rft-pipeline/rft-pipeline`.
+    The Prefect API is the one `PREFECT_API_URL` names, else the one answering at
+    http://127.0.0.1:PORT, else a `prefect server start` there for as long as this runs.
     """
-    console = Console(highlight=False)
     for key, value in {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "1",
     }.items():
         os.environ.setdefault(key, value)
-    entries = read_deployments(prefect_file, deployment)
+    entries = read_deployments(prefect_file, names)
     # Served runs are subprocesses of this process: the environment a work pool's job variables
     # would give them is set here instead (a variable already set in the shell wins).
     for entry in entries:
@@ -204,9 +192,9 @@ def serve_cmd(
     if not api_url:
         api_url = f"http://127.0.0.1:{port}/api"
         if not _healthy(api_url):
-            server = _start_server(port, console)
+            server = _start_server(port, say)
     elif not _healthy(api_url):
-        raise _fail(f"the Prefect API at {api_url} (PREFECT_API_URL) is unreachable")
+        raise ServeError(f"the Prefect API at {api_url} (PREFECT_API_URL) is unreachable")
     os.environ["PREFECT_API_URL"] = api_url  # for the flow-run subprocesses
     try:
         from prefect import serve
@@ -215,14 +203,8 @@ def serve_cmd(
         with temporary_settings({PREFECT_API_URL: api_url}):
             deployments = [to_runner_deployment(entry) for entry in entries]
             _refuse_worker_deployments(deployments)
-            console.print(
-                f"Serving {', '.join(e['name'] for e in entries)} with the Prefect API at {api_url}"
-            )
+            say(f"Serving {', '.join(e['name'] for e in entries)} with the Prefect API at {api_url}")
             serve(*deployments, limit=limit)
     finally:
         if server is not None:
             _stop(server)
-
-
-if __name__ == "__main__":
-    typer.run(serve_cmd)

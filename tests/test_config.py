@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rft_core.cli import app
+from rft.cli import app
 from rft_core.config import ConfigError, RFTConfig, apply_overrides
 
 ROOT = Path(__file__).parents[1]

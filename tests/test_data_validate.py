@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rft_core.cli import app
+from rft.cli import app
 from rft_core.config import ColumnsConfig, DataConfig
 from rft_core.data import DataError, load_items, validate_file
 from rft_core.data import validate as validate_module
@@ -282,7 +282,7 @@ def test_cli_config_sets_csv_columns(tmp_path):
 
 def test_rft_validate_as_a_real_command(bad_rows):
     rft = Path(sys.executable).with_name("rft")
-    command = [str(rft)] if rft.exists() else [sys.executable, "-m", "rft_core.cli"]
+    command = [str(rft)] if rft.exists() else [sys.executable, "-m", "rft"]
     proc = subprocess.run([*command, "validate", str(bad_rows), "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)

@@ -34,12 +34,12 @@ def free_port() -> int:
 def rft_train(cfg: Path, *args: str, processes: int = 1) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes == 1:
-        cmd = [sys.executable, "-m", "rft_core.cli", "train", *args, "--config", str(cfg)]
+        cmd = [sys.executable, "-m", "rft", "train", *args, "--config", str(cfg)]
     else:
         cmd = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(free_port()), "-m", "rft_core.cli", "train", *args, "--config", str(cfg),
+            "--main_process_port", str(free_port()), "-m", "rft", "train", *args, "--config", str(cfg),
         ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from rft_core.graders.cli import grade_cmd
+from rft.grade import grade_cmd
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "graders"
 runner = CliRunner()

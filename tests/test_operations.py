@@ -661,7 +661,7 @@ def test_rft_serve_serves_the_same_deployments_on_the_same_schedules(
     """Last: `rft serve` takes the deployments' names over from the work pool."""
     ops.stop("worker")  # from here on only rft serve runs flows
     spec = {d["name"]: d for d in yaml.safe_load((ROOT / PREFECT_FILE).read_text())["deployments"]}
-    refused = ops.cli(sys.executable, "-m", "flows.serve", check=False)
+    refused = ops.cli(sys.executable, "-m", "rft", "serve", check=False)
     assert refused.returncode == 2
     assert (
         "already deployed to a work pool: rft-pipeline/rft-pipeline (work pool rft-process)" in refused.stderr
@@ -675,7 +675,7 @@ def test_rft_serve_serves_the_same_deployments_on_the_same_schedules(
         ops.cli("prefect", "deployment", "delete", name)
 
     started = datetime.now(timezone.utc)
-    serve = start_service("rft-serve", [sys.executable, "-m", "flows.serve"], ops.env, ops.logs, ROOT)
+    serve = start_service("rft-serve", [sys.executable, "-m", "rft", "serve"], ops.env, ops.logs, ROOT)
     ops.services["serve"] = serve
     try:
         deadline = time.monotonic() + 180

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from rft_core import tracking
-from rft_core.cli import app
+from rft.cli import app
 from rft_core.config import RFTConfig
 
 TINY = {
@@ -184,7 +184,7 @@ def test_sigkill_during_rl_then_rerun_resumes_from_the_last_checkpoint(uninterru
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(yaml.safe_dump({**TINY, "rl": slow_rl, "output_dir": str(tmp_path / "out")}))
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "rft_core.cli", "run", "--config", str(cfg_file), "--json"]
+    cmd = [sys.executable, "-m", "rft", "run", "--config", str(cfg_file), "--json"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     checkpoint = None

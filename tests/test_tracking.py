@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from rft_core import tracking
 from rft_core.config import RFTConfig
-from rft_core.registry_cli import models_cmd, promote_cmd, rollback_cmd
+from rft.registry import models_cmd, promote_cmd, rollback_cmd
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

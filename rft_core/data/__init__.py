@@ -6,7 +6,7 @@
     train, val = apply_manifest(result.frame, SplitManifest.load("split.json"))
 
 formats.py reads the files, schemas.py defines the frame, validate.py reports, split.py splits,
-synthetic.py generates the built-in task, cli.py is `rft validate`.
+synthetic.py generates the built-in task; `rft validate` (rft/validate.py) is the command over validate.py.
 """
 
 from rft_core.data.formats import FORMATS, LoadResult, Reject, detect_format, load_items, split_gsm8k_answer

@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from rft_core.config import DataConfig
 from rft_core.data.formats import Reject, load_items
@@ -69,32 +66,6 @@ class ValidationReport:
             ],
             "rejects_path": str(self.rejects_path) if self.rejects_path else None,
         }
-
-    def render(self, max_problems: int = 20) -> RenderableType:
-        """A rich renderable: counts, the first problems by line and field, where the rejects went."""
-        status = "[green]all rows valid[/]" if self.ok else f"[red]{self.rejected} rejected[/]"
-        header = Text.from_markup(
-            f"[bold]{self.path}[/] ({self.format}): {self.rows} rows, "
-            f"[green]{self.valid} valid[/], {status}"
-        )
-        parts: list[RenderableType] = [header]
-        if self.problems:
-            table = Table(show_edge=False, header_style="bold", pad_edge=False)
-            table.add_column("line", justify="right")
-            table.add_column("field")
-            table.add_column("reason", overflow="fold")
-            for p in self.problems[:max_problems]:
-                where = str(p.line) if p.index is None else f"{p.line if p.line is not None else '-'} [{p.index}]"
-                table.add_row(where, p.field or "-", p.reason)
-            parts.append(table)
-            if len(self.problems) > max_problems:
-                # The table shows only the first ones, so say what the rest are.
-                parts.append(Text(f"... and {len(self.problems) - max_problems} more problems"))
-                kinds = ", ".join(f"{kind} x{n}" for kind, n in self.reason_counts().items())
-                parts.append(Text(f"problems by kind: {kinds}"))
-        if self.rejects_path:
-            parts.append(Text(f"rejected rows written to {self.rejects_path}"))
-        return Group(*parts)
 
 
 def default_rejects_path(path: str | Path) -> Path:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from flows.serve import serve_cmd  # imports Prefect only when the command runs
-from rft_core.data.cli import validate_cmd
-from rft_core.graders.cli import grade_cmd
-from rft_core.registry_cli import models_cmd, promote_cmd, rollback_cmd
-from rft_core.run_cli import run_cmd, train_cmd
+from rft.grade import grade_cmd
+from rft.registry import models_cmd, promote_cmd, rollback_cmd
+from rft.run import run_cmd, train_cmd
+from rft.serve import serve_cmd
+from rft.validate import validate_cmd
 
 app = typer.Typer(
     help="rft: Reinforcement Fine-Tuning of language models (SFT warm-up, PPO/GRPO with graders).",

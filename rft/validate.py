@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
 
+from rft.errors import EXIT_NEGATIVE, EXIT_OK, fail
 from rft_core.config import ConfigError, RFTConfig
-from rft_core.data.formats import FORMATS
-from rft_core.data.schemas import DataError
-from rft_core.data.validate import validate_file
-
-EXIT_VALID, EXIT_REJECTED, EXIT_FATAL = 0, 1, 2
+from rft_core.data import FORMATS, DataError, ValidationReport, validate_file
 
 
 def grader_is_numeric(cfg: RFTConfig) -> bool:
@@ -28,11 +27,6 @@ def grader_is_numeric(cfg: RFTConfig) -> bool:
     except Exception:  # an unreadable grader file is `rft run`'s error to report, not validate's
         return False
     return spec.get("type") == "numeric_match"
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(EXIT_FATAL)
 
 
 def validate_cmd(
@@ -63,18 +57,45 @@ def validate_cmd(
     try:
         cfg = RFTConfig.load(config)
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if format is not None and format != "auto" and format not in FORMATS:
-        raise _fail(f"unknown format {format!r}; use one of {', '.join(FORMATS)} or auto")
+        raise fail(f"unknown format {format!r}; use one of {', '.join(FORMATS)} or auto")
     if numeric is None:
         numeric = grader_is_numeric(cfg)
     try:
         report = validate_file(file, cfg.data, rejects_path=rejects, numeric=numeric, format=format)
     except DataError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if json_output:
         typer.echo(json.dumps({**report.to_dict(), "numeric": numeric}, ensure_ascii=False, indent=2))
     else:
         # soft_wrap: paths and counts stay on one line, whole, to be copied or grepped.
-        Console(soft_wrap=True).print(report.render(), highlight=False)
-    raise typer.Exit(EXIT_VALID if report.ok else EXIT_REJECTED)
+        Console(soft_wrap=True).print(render_report(report), highlight=False)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_NEGATIVE)
+
+
+def render_report(report: ValidationReport, max_problems: int = 20) -> RenderableType:
+    """The report as a rich renderable: counts, the first problems by line and field, where the rejects went."""
+    status = "[green]all rows valid[/]" if report.ok else f"[red]{report.rejected} rejected[/]"
+    header = Text.from_markup(
+        f"[bold]{report.path}[/] ({report.format}): {report.rows} rows, "
+        f"[green]{report.valid} valid[/], {status}"
+    )
+    parts: list[RenderableType] = [header]
+    if report.problems:
+        table = Table(show_edge=False, header_style="bold", pad_edge=False)
+        table.add_column("line", justify="right")
+        table.add_column("field")
+        table.add_column("reason", overflow="fold")
+        for p in report.problems[:max_problems]:
+            where = str(p.line) if p.index is None else f"{p.line if p.line is not None else '-'} [{p.index}]"
+            table.add_row(where, p.field or "-", p.reason)
+        parts.append(table)
+        if len(report.problems) > max_problems:
+            # The table shows only the first ones, so say what the rest are.
+            parts.append(Text(f"... and {len(report.problems) - max_problems} more problems"))
+            kinds = ", ".join(f"{kind} x{n}" for kind, n in report.reason_counts().items())
+            parts.append(Text(f"problems by kind: {kinds}"))
+    if report.rejects_path:
+        parts.append(Text(f"rejected rows written to {report.rejects_path}"))
+    return Group(*parts)

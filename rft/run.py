@@ -11,9 +11,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from rft.errors import fail
 from rft_core.config import ConfigError, RFTConfig
 
 ConfigOption = Annotated[
@@ -25,16 +25,11 @@ SetOption = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=code)
-
-
 def load_config(config: Path | None, overrides: list[str] | None) -> RFTConfig:
     try:
         return RFTConfig.load(config, overrides or [])
     except ConfigError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _quiet_libraries() -> None:
@@ -67,7 +62,7 @@ def run_cmd(
     try:
         summary = rft_pipeline(config=cfg, fresh=fresh)
     except tracking.TrackingUnavailable as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
         return
@@ -119,7 +114,7 @@ def train_cmd(
     """Run one training stage without the orchestrator; works under `accelerate launch`."""
     _quiet_libraries()
     if stage not in ("sft", "rl"):
-        raise _fail(f"stage {stage!r}: expected sft or rl")
+        raise fail(f"stage {stage!r}: expected sft or rl")
     cfg = load_config(config, set_)
     from accelerate import Accelerator
 

@@ -1,6 +1,6 @@
 """The registry commands of `rft`: `rft promote`, `rft rollback`, `rft models`.
 
-Plain typer-annotated functions; `rft_core.cli` registers them. Each talks to the MLflow store named
+Plain typer-annotated functions; `rft.cli` registers them. Each talks to the MLflow store named
 by `--tracking-uri` (default: `MLFLOW_TRACKING_URI`, else the pipeline's local store
 `sqlite:///<cwd>/rft_runs/mlflow.db`). Expected failures (unknown model or version, an unreachable
 server, a missing local store) print one line on stderr and exit with code 2, without a traceback.
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rft.errors import EXIT_NEGATIVE, fail
 from rft_core.config import RegistryConfig
 
 _DEFAULTS = RegistryConfig()
@@ -34,11 +35,6 @@ TrackingUriOption = Annotated[
 NameArgument = Annotated[str, typer.Argument(help="Registered model name (registry.model_name).")]
 
 
-def _fail(message: str) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
-
-
 def _run(uri: str | None, action: Callable[[str], _T]) -> _T:
     """Call `action(resolved uri)`, turning expected failures into a message and exit code 2."""
     from mlflow.exceptions import MlflowException
@@ -50,13 +46,13 @@ def _run(uri: str | None, action: Callable[[str], _T]) -> _T:
     if db is not None and not db.exists():
         # Opening a missing sqlite file would create an empty store here and then report the
         # model as unknown; say where we looked instead.
-        raise _fail(f"no MLflow store at {db} (run the pipeline first, or pass --tracking-uri)")
+        raise fail(f"no MLflow store at {db} (run the pipeline first, or pass --tracking-uri)")
     try:
         return action(resolved)
     except tracking.TrackingError as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
     except MlflowException as exc:
-        raise _fail(exc.message) from None
+        raise fail(exc.message) from None
 
 
 def promote_cmd(
@@ -99,7 +95,7 @@ def promote_cmd(
         console.print(f"[green]promoted[/green] {name} v{version} to champion: {escape(decision.reason)}")
         return
     console.print(f"[yellow]not promoted[/yellow] {name} v{version}: {escape(decision.reason)}")
-    raise typer.Exit(code=1)
+    raise typer.Exit(code=EXIT_NEGATIVE)
 
 
 def rollback_cmd(name: NameArgument, tracking_uri: TrackingUriOption = None) -> None:

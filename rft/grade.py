@@ -25,16 +25,12 @@ from typing import Annotated, Any
 
 import typer
 
-from rft_core.graders.base import GraderSpecError
+from rft.errors import EXIT_NEGATIVE, fail
+from rft_core.graders import GraderSpecError
 
 
 class UsageProblem(Exception):
     """Input the command cannot use; printed and exit code 2."""
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def _read_jsonl(path: Path, what: str) -> list[Any]:
@@ -106,18 +102,18 @@ def _validate(path: Path) -> None:
     from rft_core.graders import load_grader_spec, validate_grader_spec
 
     if not path.exists():
-        raise _fail(f"grader file {path} not found")
+        raise fail(f"grader file {path} not found")
     try:
         spec = load_grader_spec(path)
     except GraderSpecError as exc:
         typer.echo(f"invalid: {exc}")
-        raise typer.Exit(1) from None
+        raise typer.Exit(EXIT_NEGATIVE) from None
     problems = validate_grader_spec(spec)
     if problems:
         typer.echo(f"invalid: {path}: {len(problems)} problem(s)")
         for problem in problems:
             typer.echo(f"  - {problem}")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_NEGATIVE)
     typer.echo(f"valid: {path} ({spec.get('type')} grader {spec.get('name', '')!r})")
 
 
@@ -144,20 +140,20 @@ def grade_cmd(
     """Run a grader on one sample or on files of items and samples, or validate a grader spec."""
     if validate is not None:
         if any(x is not None for x in (item, sample, data, samples, out)):
-            raise _fail("--validate checks a spec; it takes no --item/--sample/--data/--samples/--out")
+            raise fail("--validate checks a spec; it takes no --item/--sample/--data/--samples/--out")
         _validate(validate)
         return
     one = sample is not None or item is not None
     files = data is not None or samples is not None
     if one == files:
-        raise _fail("give either --sample (with --item) or --data with --samples (or --validate FILE)")
+        raise fail("give either --sample (with --item) or --data with --samples (or --validate FILE)")
     try:
         if one:
             _grade_one(grader, item, sample, timeout_s, memory_mb)
         else:
             _grade_files(grader, data, samples, out, workers, timeout_s, memory_mb)
     except UsageProblem as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc)) from None
 
 
 def _build(grader_file: Path | None, timeout_s: float, memory_mb: int) -> Any:
@@ -221,7 +217,3 @@ def _grade_files(
         typer.echo(f"  {entry['count']} x {entry['error']}")
     if out is not None:
         typer.echo(f"results: {out}")
-
-
-if __name__ == "__main__":
-    typer.run(grade_cmd)

@@ -1,0 +1,5 @@
+"""`python -m rft ...` (e.g. under `accelerate launch -m rft train sft`)."""
+
+from rft.cli import main
+
+main()
