@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,19 +76,22 @@ def build_tiny_lm(path: Path, reply_token: str | None = None, *, chat_template: 
 class ChatServer:
     """A chat-completions server on 127.0.0.1 for tests: POST /v1/chat/completions.
 
-    `respond(request_json) -> str | tuple[int, str]` gives the assistant's reply, or an HTTP
-    status and body to send instead. Every request body and its headers are recorded.
+    `respond(request_json)` gives the assistant's reply (a string), or an HTTP status and body
+    to send instead (`(status, body)` or `(status, body, headers)`); it may sleep to play a slow
+    server. Every request body, its headers and its arrival time (time.monotonic) are recorded.
     """
 
-    def __init__(self, respond: Callable[[dict[str, Any]], str | tuple[int, str]]):
+    def __init__(self, respond: Callable[[dict[str, Any]], str | tuple[Any, ...]]):
         self.respond = respond
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.arrivals: list[float] = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.arrivals.append(time.monotonic())
                 server.requests.append(body)
                 server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if self.path != "/v1/chat/completions":
@@ -98,18 +102,23 @@ class ChatServer:
                     self._send(*reply)
                     return
                 self._send(200, json.dumps({
-                    "id": "chatcmpl-test", "object": "chat.completion", "model": body.get("model"),
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model"),
                     "choices": [{"index": 0, "finish_reason": "stop",
                                  "message": {"role": "assistant", "content": reply}}],
                 }))
 
-            def _send(self, status: int, text: str) -> None:
+            def _send(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
                 data = text.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for key, value in (headers or {}).items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a client that timed out has gone; a slow server's late reply goes nowhere
 
             def log_message(self, *args: Any) -> None:
                 pass

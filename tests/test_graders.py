@@ -10,6 +10,8 @@ import pytest
 
 from rft_core.config import DEFAULT_GRADER, GraderConfig
 from rft_core.graders import (
+    GRADER_TYPES,
+    GRADERS,
     GradeResult,
     GraderSpecError,
     build_grader,
@@ -402,6 +404,53 @@ def test_multi_bad_formula_is_a_spec_error(formula, problem):
         build_grader(multi_spec(formula))
 
 
+# The shape `openai.types.graders.MultiGrader(...).model_dump()` gives (openai 3.57): `graders` is one
+# grader object, named by its `name`, not the documented {name: grader} map.
+SDK_MULTI_DUMP = {
+    "calculate_output": "0.5 * exact + 0.5",
+    "graders": {"input": "{{ sample.output_text }}", "name": "exact", "operation": "eq",
+                "reference": "{{ item.answer }}", "type": "string_check"},
+    "name": "mix",
+    "type": "multi",
+}
+
+
+def test_multi_accepts_one_grader_object_as_openais_sdk_writes_it():
+    assert validate_grader_spec(SDK_MULTI_DUMP) == []
+    grader = build_grader(SDK_MULTI_DUMP)
+    assert list(grader.graders) == ["exact"]
+    assert grader.grade("Paris", {"answer": "Paris"}).to_dict() == {
+        "reward": 1.0, "sub_rewards": {"exact": 1.0}, "errors": []}
+    assert grader.grade("Lyon", {"answer": "Paris"}).reward == 0.5
+
+
+def test_multi_built_from_the_openai_sdk_type_model_dump():
+    graders = pytest.importorskip("openai.types.graders")
+    sub = graders.StringCheckGrader(type="string_check", name="exact", operation="eq",
+                                    input="{{ sample.output_text }}", reference="{{ item.answer }}")
+    try:  # the SDK's own shape: one grader object (newer SDKs) or a {name: grader} map (1.x)
+        sdk = graders.MultiGrader(type="multi", name="mix", calculate_output="0.5 * exact + 0.5", graders=sub)
+    except ValueError:
+        sdk = graders.MultiGrader(type="multi", name="mix", calculate_output="0.5 * exact + 0.5",
+                                  graders={"exact": sub})
+    spec = sdk.model_dump()
+    assert validate_grader_spec(spec) == []
+    with build_grader(spec) as grader:
+        assert [grader.grade(text, {"answer": "Paris"}).reward for text in ("Paris", "Lyon")] == [1.0, 0.5]
+
+
+def test_multi_one_grader_object_needs_a_name_and_the_formula_must_use_it():
+    unnamed = {**SDK_MULTI_DUMP, "graders": {k: v for k, v in SDK_MULTI_DUMP["graders"].items() if k != "name"}}
+    assert validate_grader_spec(unnamed) == [
+        "multi 'mix': graders is one string_check grader without a 'name' for calculate_output to use"]
+    wrong_name = {**SDK_MULTI_DUMP, "calculate_output": "other"}
+    assert validate_grader_spec(wrong_name) == [
+        "multi 'mix': calculate_output uses unknown sub-grader(s) other (graders: exact)"]
+    broken = {**SDK_MULTI_DUMP, "graders": {**SDK_MULTI_DUMP["graders"], "operation": "contains"}}
+    assert any(p.startswith("graders.exact: string_check 'exact': operation 'contains'")
+               for p in validate_grader_spec(broken))
+
+
 # ----------------------------------------------------------------------------- validation and loading
 
 
@@ -439,6 +488,16 @@ def test_validate_grader_spec_reports_problems(spec, problem):
     if isinstance(spec, dict):
         with pytest.raises(GraderSpecError, match="invalid grader spec"):
             build_grader(spec)
+
+
+def test_grader_types_come_from_the_one_dispatch_table():
+    assert GRADER_TYPES == tuple(GRADERS) == (
+        "string_check", "text_similarity", "python", "score_model", "label_model", "multi", "numeric_match", "rank")
+    assert all(callable(entry.check) and callable(entry.build) for entry in GRADERS.values())
+    assert validate_grader_spec({"type": "regex"}) == [
+        "unknown grader type 'regex' (one of string_check, text_similarity, python, score_model, label_model, "
+        "multi, numeric_match, rank)"]
+    assert validate_grader_spec({"type": ["multi"]})[0].startswith("unknown grader type ['multi']")
 
 
 def test_validate_accepts_openai_fields():

@@ -1,13 +1,23 @@
 """Model graders end to end: a tiny local judge model, a real chat-completions server on
-127.0.0.1 (fixed replies, and one backed by the tiny model), and cosine similarity."""
+127.0.0.1 called through the openai SDK (fixed replies, rate limits, a slow server, and one
+backed by the tiny model), and cosine similarity."""
 
 from __future__ import annotations
+
+import sys
+import time
 
 import pytest
 from graders_fixtures import ChatServer, build_tiny_lm
 
-from rft_core.graders import GraderSpecError, build_grader, grade_batch, model_graders
-from rft_core.graders.model_graders import LocalChatModel, parse_label, parse_score, render_messages
+from rft_core.graders import GraderSpecError, build_grader, grade_batch
+from rft_core.graders.model_graders import (
+    LocalChatModel,
+    OpenAIChatModel,
+    parse_label,
+    parse_score,
+    render_messages,
+)
 
 MESSAGES = [
     {"role": "system", "content": "Reply with one number only."},
@@ -136,7 +146,8 @@ def test_http_label_model_end_to_end():
     assert [r.reward for r in results] == [1.0, 0.0, None, None]
     assert "matches none of the labels ['correct', 'incorrect']: 'maybe'" in results[2].errors[0]
     assert "names several labels" in results[3].errors[0]
-    assert "authorization" not in server.headers[0]
+    # No api_key_env: the SDK needs some key; vLLM's placeholder, never the user's $OPENAI_API_KEY.
+    assert server.headers[0]["authorization"] == "Bearer EMPTY"
 
 
 def test_http_server_backed_by_the_tiny_model(models):
@@ -147,23 +158,70 @@ def test_http_server_backed_by_the_tiny_model(models):
             assert grader.grade("It is 18.", {"reference": "18"}).reward == pytest.approx(0.7)
 
 
-def test_http_retries_server_errors_then_reports_them(monkeypatch):
-    monkeypatch.setattr(model_graders, "RETRY_BACKOFF_S", 0.01)
+def test_http_retries_server_errors_then_reports_them():
     replies = iter([(503, '{"error": "busy"}'), "0.5", (400, '{"error": "bad model"}')])
     with ChatServer(lambda body: next(replies)) as server, build_grader(score_spec(model="m", base_url=server.base_url)) as grader:
+        assert isinstance(grader.chat_model, OpenAIChatModel)
         assert grader.grade("x", {"reference": "1"}).reward == 0.5
         failed = grader.grade("x", {"reference": "1"})
-    assert len(server.requests) == 3
+    assert len(server.requests) == 3  # the 503 is retried, the 400 is not
+    assert [h["x-stainless-retry-count"] for h in server.headers] == ["0", "1", "0"]
     assert failed.reward is None and failed.errors[0].startswith("judge: HTTP 400 from http://127.0.0.1:")
+    assert failed.errors[0].endswith('/v1/chat/completions: {"error": "bad model"}')
 
 
-def test_http_unreachable_endpoint_is_an_error_result(monkeypatch):
-    monkeypatch.setattr(model_graders, "RETRY_BACKOFF_S", 0.01)
+def test_http_rate_limit_waits_what_retry_after_asks_then_succeeds():
+    replies = iter([(429, '{"error": {"message": "slow down"}}', {"Retry-After": "1"}), "0.75"])
+    with ChatServer(lambda body: next(replies)) as server, build_grader(score_spec(model="m", base_url=server.base_url)) as grader:
+        result = grader.grade("x", {"reference": "1"})
+    assert result.to_dict() == {"reward": 0.75, "sub_rewards": {}, "errors": []}
+    assert len(server.requests) == 2
+    waited = server.arrivals[1] - server.arrivals[0]
+    assert 0.95 <= waited < 3.0  # Retry-After: 1, not the SDK's own 0.5 s first backoff
+
+
+def test_http_rate_limit_past_max_retries_is_an_error_result():
+    quota = (429, '{"error": "quota"}', {"Retry-After-Ms": "10"})
+    with ChatServer(lambda body: quota) as server, build_grader(score_spec(model="m", base_url=server.base_url)) as grader:
+        result = grader.grade("x", {"reference": "1"})  # max_retries defaults to 2
+    assert len(server.requests) == 3
+    assert result.reward is None and result.errors[0].startswith("judge: HTTP 429 from http://127.0.0.1:")
+
+
+def test_http_timeout_is_an_error_result():
+    def slow(body):
+        time.sleep(3.0)
+        return "1"
+
+    with ChatServer(slow) as server:
+        spec = score_spec(model="m", base_url=server.base_url, request_timeout_s=0.2, max_retries=1)
+        with build_grader(spec) as grader:
+            started = time.monotonic()
+            result = grader.grade("x", {"reference": "1"})
+            elapsed = time.monotonic() - started
+    assert result.reward is None
+    assert result.errors == [f"judge: request to {server.base_url}/chat/completions timed out after 0.2 s"]
+    assert len(server.requests) == 2  # the timeout was retried once
+    assert elapsed < 2.5  # neither attempt waited for the 3 s reply
+
+
+def test_http_unreachable_endpoint_is_an_error_result():
     with ChatServer(lambda body: "1") as server:
         url = server.base_url
     with build_grader(score_spec(model="m", base_url=url, max_retries=1, request_timeout_s=2)) as grader:
         result = grader.grade("x", {"reference": "1"})
     assert result.reward is None and "request to" in result.errors[0] and "failed: ConnectError" in result.errors[0]
+
+
+def test_http_judge_without_the_openai_package_is_a_build_error_naming_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` now raises ImportError
+    with pytest.raises(GraderSpecError) as info:
+        build_grader(score_spec(model="m", base_url="http://127.0.0.1:9/v1"))
+    assert str(info.value) == (
+        "score_model 'judge': the judge at http://127.0.0.1:9/v1 is called through the openai package, "
+        "which is not installed; install it with: pip install -e '.[openai]' (in an rft checkout) "
+        "or pip install openai"
+    )
 
 
 def test_http_judges_are_graded_concurrently_in_order():

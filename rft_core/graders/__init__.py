@@ -1,9 +1,10 @@
 """Graders: OpenAI's RFT grader JSON (and YAML) turned into objects that score samples in [0, 1].
 
 Types: `string_check`, `text_similarity`, `python`, `score_model`, `label_model`, `multi`
-(OpenAI's), and `numeric_match`, `rank` (ours). `build_grader(spec)` checks the spec and builds
-the grader with one explicit if/elif; `validate_grader_spec(spec)` lists a spec's problems
-without building anything expensive; `load_grader_spec(path)` reads JSON or YAML.
+(OpenAI's), and `numeric_match`, `rank` (ours). `GRADERS` maps each type to its spec check and
+its builder: `build_grader(spec)` checks the spec and builds the grader, `validate_grader_spec(spec)`
+lists a spec's problems without building anything expensive, `load_grader_spec(path)` reads JSON
+or YAML.
 
 >>> grader = build_grader({"type": "string_check", "name": "exact", "operation": "eq",
 ...                        "input": "{{ sample.output_text }}", "reference": "{{ item.answer }}"})
@@ -16,19 +17,21 @@ without building anything expensive; `load_grader_spec(path)` reads JSON or YAML
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rft_core.graders import model_graders, multi, numeric, python_grader, rank, similarity, string_check
 from rft_core.graders.base import Grader, GraderError, GradeResult, GraderSpecError, Sample
 from rft_core.graders.batch import grade_batch, summarize
 
 __all__ = [
+    "GRADERS",
     "GRADER_TYPES",
     "GradeResult",
     "Grader",
     "GraderError",
+    "GraderType",
     "GraderSpecError",
     "Sample",
     "build_grader",
@@ -38,9 +41,51 @@ __all__ = [
     "validate_grader_spec",
 ]
 
-GRADER_TYPES = (
-    "string_check", "text_similarity", "python", "score_model", "label_model", "multi", "numeric_match", "rank",
-)
+
+class GraderType(NamedTuple):
+    """What the dispatch table holds for one grader type."""
+
+    check: Callable[[Mapping[str, Any]], list[str]]  # spec -> its problems; loads nothing
+    build: Callable[..., Grader]  # (valid spec, *, timeout_s, memory_mb) -> grader
+
+
+def _spec_only(cls: Callable[[Mapping[str, Any]], Grader]) -> Callable[..., Grader]:
+    """The builder of a grader class that needs its spec and no sandbox limits."""
+    return lambda spec, *, timeout_s, memory_mb: cls(spec)
+
+
+def _check_multi(spec: Mapping[str, Any]) -> list[str]:
+    problems = multi.check_spec(spec)
+    for name, sub in multi.sub_grader_specs(spec).items():
+        problems += [f"graders.{name}: {problem}" for problem in validate_grader_spec(sub)]
+    return problems
+
+
+def _build_multi(spec: Mapping[str, Any], *, timeout_s: float, memory_mb: int) -> Grader:
+    built: dict[str, Grader] = {}
+    try:
+        for name, sub in multi.sub_grader_specs(spec).items():
+            # The name the formula uses names the sub-grader in errors too.
+            built[name] = build_grader({**sub, "name": name}, timeout_s=timeout_s, memory_mb=memory_mb)
+        return multi.MultiGrader(spec, built)
+    except BaseException:
+        for grader in built.values():
+            grader.close()
+        raise
+
+
+# The one dispatch table: a grader type -> its spec check and its builder.
+GRADERS: dict[str, GraderType] = {
+    "string_check": GraderType(string_check.check_spec, _spec_only(string_check.StringCheckGrader)),
+    "text_similarity": GraderType(similarity.check_spec, _spec_only(similarity.TextSimilarityGrader)),
+    "python": GraderType(python_grader.check_spec, python_grader.PythonGrader),
+    "score_model": GraderType(model_graders.check_score_spec, _spec_only(model_graders.ScoreModelGrader)),
+    "label_model": GraderType(model_graders.check_label_spec, _spec_only(model_graders.LabelModelGrader)),
+    "multi": GraderType(_check_multi, _build_multi),
+    "numeric_match": GraderType(numeric.check_spec, _spec_only(numeric.NumericMatchGrader)),
+    "rank": GraderType(rank.check_spec, _spec_only(rank.RankGrader)),
+}
+GRADER_TYPES = tuple(GRADERS)
 
 
 def validate_grader_spec(spec: Any) -> list[str]:
@@ -52,27 +97,8 @@ def validate_grader_spec(spec: Any) -> list[str]:
     if not isinstance(spec, Mapping):
         return [f"a grader spec is a mapping with a 'type', got {type(spec).__name__}"]
     kind = spec.get("type")
-    if kind == "string_check":
-        return string_check.check_spec(spec)
-    elif kind == "text_similarity":
-        return similarity.check_spec(spec)
-    elif kind == "python":
-        return python_grader.check_spec(spec)
-    elif kind == "score_model":
-        return model_graders.check_score_spec(spec)
-    elif kind == "label_model":
-        return model_graders.check_label_spec(spec)
-    elif kind == "numeric_match":
-        return numeric.check_spec(spec)
-    elif kind == "rank":
-        return rank.check_spec(spec)
-    elif kind == "multi":
-        problems = multi.check_spec(spec)
-        graders = spec.get("graders")
-        if isinstance(graders, Mapping):
-            for name, sub in graders.items():
-                problems += [f"graders.{name}: {problem}" for problem in validate_grader_spec(sub)]
-        return problems
+    if isinstance(kind, str) and kind in GRADERS:
+        return GRADERS[kind].check(spec)
     if kind is None:
         return [f"grader spec has no 'type' (one of {', '.join(GRADER_TYPES)})"]
     return [f"unknown grader type {kind!r} (one of {', '.join(GRADER_TYPES)})"]
@@ -88,33 +114,7 @@ def build_grader(spec: Mapping[str, Any], *, timeout_s: float = 10.0, memory_mb:
     problems = validate_grader_spec(spec)
     if problems:
         raise GraderSpecError("invalid grader spec:\n- " + "\n- ".join(problems))
-    kind = spec["type"]
-    if kind == "string_check":
-        return string_check.StringCheckGrader(spec)
-    elif kind == "text_similarity":
-        return similarity.TextSimilarityGrader(spec)
-    elif kind == "python":
-        return python_grader.PythonGrader(spec, timeout_s=timeout_s, memory_mb=memory_mb)
-    elif kind == "score_model":
-        return model_graders.ScoreModelGrader(spec)
-    elif kind == "label_model":
-        return model_graders.LabelModelGrader(spec)
-    elif kind == "numeric_match":
-        return numeric.NumericMatchGrader(spec)
-    elif kind == "rank":
-        return rank.RankGrader(spec)
-    elif kind == "multi":
-        built: dict[str, Grader] = {}
-        try:
-            for name, sub in spec["graders"].items():
-                # The key is the name the formula uses, so it names the sub-grader in errors too.
-                built[name] = build_grader({**sub, "name": name}, timeout_s=timeout_s, memory_mb=memory_mb)
-            return multi.MultiGrader(spec, built)
-        except BaseException:
-            for grader in built.values():
-                grader.close()
-            raise
-    raise GraderSpecError(f"unknown grader type {kind!r}")  # unreachable after validation
+    return GRADERS[spec["type"]].build(spec, timeout_s=timeout_s, memory_mb=memory_mb)
 
 
 def load_grader_spec(path: str | Path) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The judge is either a local Hugging Face causal LM (`model` is a directory: AutoModelForCausalLM
 + AutoTokenizer, the tokenizer's chat template when it has one, greedy decoding unless
 `sampling_params.temperature` > 0), or an OpenAI-compatible chat-completions endpoint (`base_url`,
-e.g. a vLLM server, with the key read from the environment variable named by `api_key_env`).
+e.g. a vLLM server, with the key read from the environment variable named by `api_key_env`),
+called through the openai SDK (the `openai` extra: its client's retries, Retry-After and timeouts).
 A `model` that is neither a directory nor paired with `base_url` goes to api.openai.com (or
 `$OPENAI_BASE_URL`) with `$OPENAI_API_KEY`, so OpenAI's grader JSON works as it is.
 
@@ -26,7 +27,6 @@ import json
 import os
 import re
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,8 +43,6 @@ _COMMON_FIELDS: dict[str, type | tuple[type, ...]] = {
     "max_retries": int, "device": str,
 }
 DEFAULT_LOCAL_MAX_NEW_TOKENS = 128
-RETRY_BACKOFF_S = 0.5
-_RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -270,8 +268,30 @@ class LocalChatModel:
         self.model = None  # type: ignore[assignment]
 
 
-class HTTPChatModel:
-    """An OpenAI-compatible endpoint: POST {base_url}/chat/completions, retrying 429/5xx and transport errors."""
+OPENAI_INSTALL_HINT = "pip install -e '.[openai]' (in an rft checkout) or pip install openai"
+# The openai SDK refuses to build a client without a key; keyless servers (a local vLLM) ignore
+# it, and "EMPTY" is the placeholder vLLM's own docs use.
+_NO_KEY = "EMPTY"
+
+
+def _import_openai(label: str, base_url: str) -> Any:
+    try:
+        import openai
+    except ImportError:
+        raise GraderSpecError(
+            f"{label}: the judge at {base_url} is called through the openai package, which is not "
+            f"installed; install it with: {OPENAI_INSTALL_HINT}"
+        ) from None
+    return openai
+
+
+class OpenAIChatModel:
+    """An OpenAI-compatible chat-completions endpoint, called through the openai SDK's client.
+
+    The client retries connection errors, timeouts, 408, 409, 429 and 5xx up to `max_retries`
+    times with exponential backoff, waiting what a `Retry-After` header asks when it does.
+    Whatever still fails becomes a GraderError naming the endpoint.
+    """
 
     def __init__(
         self,
@@ -282,64 +302,57 @@ class HTTPChatModel:
         sampling_params: Mapping[str, Any] | None = None,
         timeout_s: float = 60.0,
         max_retries: int = 2,
+        label: str = "judge",
     ):
-        import httpx
-
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.openai = _import_openai(label, base_url)
+        self.base_url = base_url.rstrip("/")
         self.model = model
-        self.max_retries = max_retries
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(timeout=timeout_s, headers=headers)
-        self.payload_params: dict[str, Any] = {}
+        self.timeout_s = timeout_s
+        # An explicit key (never None) also keeps the SDK from sending $OPENAI_API_KEY to a
+        # base_url that was not meant to receive it.
+        self.client = self.openai.OpenAI(
+            base_url=self.base_url, api_key=api_key or _NO_KEY, timeout=timeout_s, max_retries=max_retries
+        )
+        self.request_params: dict[str, Any] = {}
         params = dict(sampling_params or {})
         for key in ("temperature", "top_p", "seed", "reasoning_effort"):
             if params.get(key) is not None:
-                self.payload_params[key] = params[key]
+                self.request_params[key] = params[key]
+        # OpenAI's grader JSON spells it max_completions_tokens; the chat API max_completion_tokens.
         max_tokens = params.get("max_completions_tokens") or params.get("max_completion_tokens") or params.get("max_tokens")
         if max_tokens:
-            self.payload_params["max_completion_tokens"] = int(max_tokens)
+            self.request_params["max_completion_tokens"] = int(max_tokens)
 
     def complete(self, messages: list[dict[str, str]]) -> str:
-        import httpx
-
-        payload = {"model": self.model, "messages": messages, **self.payload_params}
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
-            try:
-                response = self.client.post(self.url, json=payload)
-            except httpx.HTTPError as exc:
-                if last:
-                    raise GraderError(f"request to {self.url} failed: {type(exc).__name__}: {exc}") from None
-                time.sleep(RETRY_BACKOFF_S * 2**attempt)
-                continue
-            if response.status_code in _RETRY_STATUS and not last:
-                time.sleep(_retry_after(response) or RETRY_BACKOFF_S * 2**attempt)
-                continue
-            if response.status_code >= 400:
-                raise GraderError(f"HTTP {response.status_code} from {self.url}: {response.text[:300]}")
-            return _reply_text(response)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        openai = self.openai
+        url = f"{self.base_url}/chat/completions"
+        try:
+            completion = self.client.chat.completions.create(
+                model=self.model, messages=messages, **self.request_params
+            )
+        except openai.APITimeoutError:
+            raise GraderError(f"request to {url} timed out after {self.timeout_s:g} s") from None
+        except openai.APIConnectionError as exc:
+            cause = exc.__cause__ or exc
+            raise GraderError(f"request to {url} failed: {type(cause).__name__}: {cause}") from None
+        except openai.APIStatusError as exc:
+            raise GraderError(f"HTTP {exc.status_code} from {url}: {exc.response.text[:300]}") from None
+        return _reply_text(completion)
 
     def close(self) -> None:
         self.client.close()
 
 
-def _retry_after(response: Any) -> float | None:
-    try:
-        return min(30.0, float(response.headers.get("retry-after", "")))
-    except ValueError:
-        return None
-
-
-def _reply_text(response: Any) -> str:
-    try:
-        message = response.json()["choices"][0]["message"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise GraderError(f"not a chat-completions response: {response.text[:300]}") from None
-    if message.get("refusal"):
-        raise GraderError(f"the judge refused: {message['refusal'][:200]}")
-    content = message.get("content")
-    if isinstance(content, list):  # content parts
+def _reply_text(completion: Any) -> str:
+    """The text of the first choice of a chat completion (the SDK does not validate the shape)."""
+    choices = getattr(completion, "choices", None)
+    if not choices:
+        raise GraderError(f"not a chat-completions response: {str(completion)[:300]}")
+    message = choices[0].message
+    if getattr(message, "refusal", None):
+        raise GraderError(f"the judge refused: {message.refusal[:200]}")
+    content = message.content
+    if isinstance(content, list):  # content parts, as some servers send them
         content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
     if not isinstance(content, str):
         raise GraderError(f"the judge's reply has no text content: {message!r:.300}")
@@ -368,9 +381,10 @@ def make_chat_model(spec: Mapping[str, Any]) -> ChatModel:
         api_key = os.environ.get(key_env)
         if not api_key:
             raise GraderSpecError(f"{spec_label(spec)}: api_key_env names ${key_env}, which is not set")
-    return HTTPChatModel(
+    return OpenAIChatModel(
         base_url, model, api_key=api_key, sampling_params=params,
         timeout_s=float(spec.get("request_timeout_s") or 60.0), max_retries=int(spec.get("max_retries", 2)),
+        label=spec_label(spec),
     )
 
 
@@ -384,7 +398,7 @@ class _ModelGrader(Grader):
         self.input = spec["input"]
         self.chat_model: ChatModel = make_chat_model(spec)
         # Only a remote judge gains from concurrent calls; a local one runs one generate at a time.
-        self.concurrent = isinstance(self.chat_model, HTTPChatModel)
+        self.concurrent = isinstance(self.chat_model, OpenAIChatModel)
 
     def reply(self, context: dict[str, Any]) -> str:
         return self.chat_model.complete(render_messages(self.input, context))

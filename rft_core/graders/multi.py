@@ -10,7 +10,8 @@ that is evaluated once per sample. Grammar, loosest binding first:
     atom   := number | name | name '(' expr (',' expr)* ')' | '(' expr ')'
 
 Functions: `min`, `max` (one or more arguments), `abs`, `floor`, `ceil`, `exp`, `sqrt`, `log`
-(natural; one argument). Names are the keys of `graders`. Unknown names, unknown functions,
+(natural; one argument). Names are the keys of `graders` (or the `name` of the one grader object
+OpenAI's SDK writes there, see `sub_grader_specs`). Unknown names, unknown functions,
 wrong arities and syntax errors are spec errors; division by zero, `sqrt`/`log` out of domain
 and a result outside [0, 1] are error results. A sub-grader's error makes the multi result an
 error that lists which sub-graders failed; `sub_rewards` holds every sub-grader's reward.
@@ -284,12 +285,38 @@ def evaluate(node: Node, values: Mapping[str, float]) -> float:
 # ----------------------------------------------------------------------------- the grader
 
 
+def sub_grader_specs(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The sub-grader specs of a multi spec by the name the formula uses; empty when there are none.
+
+    OpenAI documents `graders` as a map of named sub-graders, but its own SDK type
+    (`openai.types.graders.MultiGrader`) holds one grader object there, named by its own
+    `name`; both are accepted. An object with a string `type` is a grader, not a map.
+
+    >>> sub_grader_specs({"graders": {"a": {"type": "rank"}}})
+    {'a': {'type': 'rank'}}
+    >>> sub_grader_specs({"graders": {"type": "rank", "name": "ranked"}})
+    {'ranked': {'type': 'rank', 'name': 'ranked'}}
+    """
+    graders = spec.get("graders")
+    if not isinstance(graders, Mapping):
+        return {}
+    if isinstance(graders.get("type"), str):
+        name = graders.get("name")
+        return {name: graders} if isinstance(name, str) and name else {}
+    return dict(graders)
+
+
 def check_spec(spec: Mapping[str, Any]) -> list[str]:
     """Problems of the multi spec itself (sub-grader specs are checked by validate_grader_spec)."""
     problems = field_problems(spec, {"graders": dict, "calculate_output": str}, {})
     label = spec_label(spec)
     graders = spec.get("graders")
-    if isinstance(graders, dict) and not graders:
+    named = sub_grader_specs(spec)
+    unnamed_object = isinstance(graders, dict) and isinstance(graders.get("type"), str) and not named
+    if unnamed_object:
+        problems.append(f"{label}: graders is one {graders['type']} grader without a 'name' for "
+                        f"calculate_output to use")
+    elif isinstance(graders, dict) and not graders:
         problems.append(f"{label}: graders must name at least one sub-grader")
     if isinstance(spec.get("calculate_output"), str):
         try:
@@ -297,18 +324,19 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
         except FormulaError as exc:
             problems.append(f"{label}: {exc}")
         else:
-            if isinstance(graders, dict):
-                unknown = sorted(names_in(formula) - set(graders))
+            if isinstance(graders, dict) and not unnamed_object:
+                unknown = sorted(names_in(formula) - set(named))
                 if unknown:
                     problems.append(
                         f"{label}: calculate_output uses unknown sub-grader(s) {', '.join(unknown)} "
-                        f"(graders: {', '.join(map(str, graders)) or 'none'})"
+                        f"(graders: {', '.join(map(str, named)) or 'none'})"
                     )
     return problems
 
 
 class MultiGrader(Grader):
-    """OpenAI's multi grader: `graders` (name -> spec) and `calculate_output` (formula over the names).
+    """OpenAI's multi grader: `graders` (name -> spec, or one grader object with a `name`, as OpenAI's
+    SDK writes it) and `calculate_output` (formula over the names).
 
     >>> from rft_core.graders import build_grader
     >>> spec = {"type": "multi", "name": "mix", "calculate_output": "0.8 * exact + 0.2 * near",
