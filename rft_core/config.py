@@ -302,6 +302,12 @@ class GraderConfig(Section):
     )
     timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one python-grader call.")
     memory_mb: int = Field(1024, ge=64, description="Memory limit of the python-grader process.")
+    sandbox: Literal["namespaces", "none"] = Field(
+        "namespaces",
+        description="How python graders are isolated. namespaces: Linux user/mount/network/PID/IPC "
+        "namespaces, read-only root, private /tmp, limits (refused where the kernel allows none); "
+        "none: NO isolation, for trusted grader code only (warned about and tagged on every run).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> GraderConfig:

@@ -1,24 +1,30 @@
-"""The sandboxed process behind the python grader: runs user `grade(sample, item)` calls.
+"""The worker process behind the python grader: runs user `grade(sample, item)` calls.
 
-Started by `python_grader.SandboxWorker` as `python -I _sandbox_child.py MEMORY_BYTES`; it
-imports nothing from rft. Before any user code runs it:
+Started by `python_grader.SandboxWorker` as `python -I _sandbox_child.py SETTINGS_JSON`; it
+imports nothing from the rft package (the sandbox module is loaded by its file path). Before any
+user code runs it moves the protocol to private file descriptors (user `print` goes to stderr,
+user `input()` reads an empty stdin, so user code does not corrupt the protocol by accident), then,
+by `mode`:
 
-- caps its address space (RLIMIT_AS, hard and soft, so user code cannot raise it) and disables
-  core dumps;
-- moves the protocol to private file descriptors: user `print` goes to stderr, user `input()`
-  reads an empty stdin, so user code can neither corrupt nor read the protocol;
-- starts a watchdog thread that exits when the parent process is gone, so a grader stuck in
-  a loop does not outlive a killed training run;
-- installs an audit hook (hooks cannot be removed) that refuses sockets and name lookups,
-  starting processes, signalling other processes, changing resource limits, loading native
-  code through ctypes, and rebinding the hook's own code.
+- `namespaces`: enters the kernel sandbox (`sandbox.enter`: new user, mount, network, PID and IPC
+  namespaces, read-only root, scratch /tmp, no capabilities, seccomp, rlimits). After each call
+  it kills every process the call left behind (`sandbox.end_call`).
+- `none` (the explicit opt-out, a guard against mistakes, not isolation): caps its address space,
+  starts a watchdog thread that exits when the parent process is gone, and installs an audit hook
+  (hooks cannot be removed) that refuses sockets and name lookups, starting processes, signalling
+  other processes, changing resource limits, loading native code through ctypes, and rebinding
+  the hook's own code.
 
 Protocol: one JSON object per line. The parent sends `{"source": ...}`; the child answers
-`{"ok": true}` once `grade` is defined, or `{"ok": false, "error": ...}` and exits. Then, per
-call, the parent sends `{"sample": ..., "item": ...}` and the child answers `{"ok": true,
-"value": float}` or `{"ok": false, "error": ...}`. Range checks happen in the parent.
+`{"ok": true}` once `grade` is defined, `{"ok": false, "error": ...}` when the source does not
+load, or `{"ok": false, "unavailable": ...}` when the kernel refused to isolate it, and exits.
+Then, per call, the parent sends `{"sample": ..., "item": ...}` and the child answers
+`{"ok": true, "value": float, "cpu": s}` or `{"ok": false, "error": ..., "cpu": s}`, where `cpu` is
+the worker's CPU time so far (the parent replaces a worker well before its CPU limit). Range checks
+happen in the parent.
 """
 
+import importlib.util
 import json
 import numbers
 import os
@@ -77,6 +83,31 @@ def _send(channel, message):
     channel.flush()
 
 
+def _load_sandbox():
+    # By path, under a private name: `import sandbox` in a grader must not find this module.
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox.py")
+    spec = importlib.util.spec_from_file_location("_rft_grader_sandbox", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _guard_without_isolation(memory_bytes):
+    """The `none` mode: limits and an audit hook, in this process only."""
+    _start_watchdog()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    # numpy imports ctypes (which dlopens libpython) at import time: import it while allowed.
+    import ctypes  # noqa: F401
+
+    _install_audit_hook()
+
+
+def _cpu_seconds():
+    times = os.times()
+    return times.user + times.system
+
+
 def _describe(exc, memory_bytes):
     if isinstance(exc, MemoryError):
         return f"MemoryError: memory limit of {memory_bytes // (1024 * 1024)} MiB exceeded"
@@ -95,21 +126,32 @@ def _as_number(value):
 
 
 def main():
-    memory_bytes = int(sys.argv[1])
+    settings = json.loads(sys.argv[1])
+    memory_bytes = settings["memory_bytes"]
     # Private protocol channels; fds 0 and 1 become /dev/null and stderr for user code.
-    proto_in = os.fdopen(os.dup(0), "r", encoding="utf-8")
-    proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    proto_in_fd, proto_out_fd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.dup2(2, 1)
+    os.close(devnull)
 
-    _start_watchdog()
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    # numpy imports ctypes (which dlopens libpython) at import time: import it while allowed.
-    import ctypes  # noqa: F401
-
-    _install_audit_hook()
+    end_call = None
+    if settings["mode"] == "namespaces":
+        sandbox = _load_sandbox()
+        try:
+            sandbox.enter(memory_bytes=memory_bytes, max_processes=settings["max_processes"],
+                          cpu_s=settings["cpu_s"], protocol_fds=(proto_in_fd, proto_out_fd))
+        except OSError as exc:  # a refused step, in whichever process of the two it happened
+            reason = exc.strerror if isinstance(exc, sandbox.IsolationUnavailable) else str(exc)
+            with os.fdopen(proto_out_fd, "w", encoding="utf-8") as channel:
+                _send(channel, {"ok": False, "unavailable": reason})
+            return
+        end_call = sandbox.end_call
+    else:
+        _guard_without_isolation(memory_bytes)
+    worker_pid = os.getpid()
+    proto_in = os.fdopen(proto_in_fd, "r", encoding="utf-8")
+    proto_out = os.fdopen(proto_out_fd, "w", encoding="utf-8")
 
     first = json.loads(proto_in.readline() or "{}")
     namespace = {"__name__": "grader"}
@@ -119,8 +161,14 @@ def main():
         if not callable(grade):
             raise NameError("the source does not define a function grade(sample, item)")
     except BaseException as exc:  # noqa: BLE001 - report whatever the source raised
+        if os.getpid() != worker_pid:
+            os._exit(0)  # a process the source forked: only the worker speaks the protocol
         _send(proto_out, {"ok": False, "error": _describe(exc, memory_bytes)})
         return
+    if os.getpid() != worker_pid:
+        os._exit(0)
+    if end_call is not None:
+        end_call()
     _send(proto_out, {"ok": True})
 
     for line in proto_in:
@@ -130,10 +178,15 @@ def main():
         except BaseException as exc:  # noqa: BLE001 - SystemExit and friends are grader errors too
             reply = {"ok": False, "error": _describe(exc, memory_bytes)}
         del request
+        if os.getpid() != worker_pid:
+            os._exit(0)
+        if end_call is not None:
+            end_call()
+        reply["cpu"] = _cpu_seconds()
         try:
             _send(proto_out, reply)
         except MemoryError:
-            _send(proto_out, {"ok": False, "error": _describe(MemoryError(), memory_bytes)})
+            _send(proto_out, {"ok": False, "error": _describe(MemoryError(), memory_bytes), "cpu": _cpu_seconds()})
 
 
 if __name__ == "__main__":

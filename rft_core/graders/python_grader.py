@@ -1,17 +1,26 @@
 """The `python` grader: user `source` defining `grade(sample, item) -> float`, run in a sandbox.
 
-User code never runs in the training process. Each call goes to a sandbox worker process
-(`_sandbox_child.py`) with a wall-clock limit (`timeout_s`), an address-space limit
-(`memory_mb`, RLIMIT_AS), no network (an audit hook refuses sockets, name lookups and starting
-processes), and a minimal environment (no API keys). A call that times out, runs out of
-memory, opens a socket, raises, or returns something that is not a number in [0, 1] gives an
-error result with the reason; a worker that timed out or died is killed and replaced on the
-next call, so grading goes on. A worker exits by itself when the training process dies.
+User code never runs in the training process. Each call goes to a worker process
+(`_sandbox_child.py`) that, by default (`sandbox="namespaces"`), isolated itself with the
+kernel before loading the source (`sandbox.py`: user, mount, network, PID and IPC namespaces, `/`
+read-only, a fresh /proc, a private scratch /tmp, no capabilities, seccomp, rlimits), for the
+grader and every process it starts. The limits: `timeout_s` of wall time per call (the worker
+and every process in its namespace are killed at the deadline), `memory_mb` of address space per
+process (RLIMIT_AS; the scratch /tmp holds as much again), `MAX_PROCESSES` processes and threads,
+and `cpu_limit_s(timeout_s)` CPU seconds per process (a worker is replaced before it reaches half
+of it). A call that times out, runs out of memory or processes, is refused by the kernel, raises,
+or returns something that is not a number in [0, 1] gives an error result with the reason; a
+worker that timed out or died is killed and replaced on the next call, so grading goes on. A
+worker exits by itself when the training process dies.
+
+Where the kernel will not isolate (no unprivileged user namespaces, not Linux), building the
+grader fails with `SandboxUnavailable`, whose message names the fix, unless `sandbox="none"`:
+the explicit opt-out that runs the worker with only a memory limit and an audit hook (a guard
+against mistakes, not against hostile code), and logs `sandbox_warning` on every build.
 
 Workers form a pool that grows to the number of concurrent callers: `grade_batch(...,
-workers=4)` drives four worker processes from four threads. The sandbox is a guard against
-mistakes and runaway graders, not a security boundary against hostile code: there is no
-filesystem isolation.
+workers=4)` drives four worker processes from four threads; each is started (and isolated) once
+and then reused for every call it serves.
 
 >>> source = "def grade(sample, item):\\n    return float(sample['output_text'] == item['answer'])"
 >>> with PythonGrader({"type": "python", "name": "exact", "source": source}) as grader:
@@ -24,6 +33,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import logging
+import math
 import os
 import select
 import signal
@@ -37,14 +48,30 @@ from pathlib import Path
 from typing import Any
 
 from rft_core.graders.base import Grader, GraderError, GraderSpecError, field_problems, spec_label
+from rft_core.graders.sandbox import (
+    SANDBOX_ENV,
+    SANDBOX_MODES,
+    platform_problem,
+    sandbox_warning,
+    unavailable_message,
+)
+
+logger = logging.getLogger(__name__)
 
 CHILD_SCRIPT = Path(__file__).with_name("_sandbox_child.py")
-# Thread caps keep numerical libraries inside the memory limit (each BLAS thread reserves
-# address space); nothing else from the parent's environment is passed on.
-_CHILD_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "HOME", "SYSTEMROOT")
-_CHILD_ENV_SET = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-                  "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 STARTUP_TIMEOUT_S = 30.0
+# Processes and threads in one sandbox (RLIMIT_NPROC): enough for a grader's subprocess or small
+# pool, few enough that a fork bomb ends as an error; memory is per process, so this also bounds
+# a sandbox's memory to MAX_PROCESSES x memory_mb.
+MAX_PROCESSES = 32
+# A reply longer than this is a broken worker, not a score: the pipeline must not buffer without end.
+MAX_REPLY_BYTES = 1 << 20
+
+
+def cpu_limit_s(timeout_s: float) -> int:
+    """CPU seconds each sandboxed process may use (RLIMIT_CPU): ample for many calls, and a bound
+    on anything a grader leaves running."""
+    return max(60, math.ceil(10 * timeout_s))
 
 
 def check_spec(spec: Mapping[str, Any]) -> list[str]:
@@ -92,6 +119,10 @@ def _bound_names(node: ast.stmt) -> set[str]:
     return set()
 
 
+class SandboxUnavailable(GraderSpecError):
+    """Python graders cannot run here: the kernel would not isolate them (the message says the fix)."""
+
+
 class WorkerDied(GraderError):
     """The worker process ended or broke the protocol; it must be replaced."""
 
@@ -101,19 +132,29 @@ class WorkerTimeout(GraderError):
 
 
 class SandboxWorker:
-    """One sandbox process with `source` loaded; `call(sample, item)` returns grade()'s value."""
+    """One worker process with `source` loaded; `call(sample, item)` returns grade()'s value.
 
-    def __init__(self, source: str, *, memory_mb: int, startup_timeout_s: float = STARTUP_TIMEOUT_S):
+    `retire` turns True when the worker should be replaced after the call that set it (its CPU
+    time nears the limit, or it wrote more than one answer).
+    """
+
+    def __init__(
+        self, source: str, *, memory_mb: int, mode: str = "namespaces", cpu_s: int = 60,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    ):
         self.memory_mb = memory_mb
-        env = {key: os.environ[key] for key in _CHILD_ENV_KEEP if key in os.environ}
-        env.update(_CHILD_ENV_SET)
+        self.mode = mode
+        self.cpu_s = cpu_s
+        self.retire = False
+        settings = {"mode": mode, "memory_bytes": memory_mb * 1024 * 1024, "max_processes": MAX_PROCESSES,
+                    "cpu_s": cpu_s}
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", str(CHILD_SCRIPT), str(memory_mb * 1024 * 1024)],
+                [sys.executable, "-I", str(CHILD_SCRIPT), json.dumps(settings)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,
-                env=env,
+                env=dict(SANDBOX_ENV),  # nothing from the pipeline's environment
                 close_fds=True,
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which cleans up
             )
@@ -128,6 +169,8 @@ class SandboxWorker:
             raise
         if not reply.get("ok"):
             self.kill()
+            if "unavailable" in reply:
+                raise SandboxUnavailable(unavailable_message(str(reply["unavailable"])))
             raise GraderSpecError(f"the grader source failed to load: {reply.get('error')}")
 
     @property
@@ -137,6 +180,9 @@ class SandboxWorker:
     def call(self, sample: Mapping[str, Any], item: Mapping[str, Any], timeout_s: float) -> Any:
         self._send({"sample": sample, "item": item})
         reply = self._receive(time.monotonic() + timeout_s, timeout_s=timeout_s)
+        cpu = reply.get("cpu")
+        if self._buffer or not isinstance(cpu, (int, float)) or cpu > self.cpu_s / 2:
+            self.retire = True
         if not reply.get("ok"):
             raise GraderError(str(reply.get("error")))
         return reply.get("value")
@@ -164,6 +210,8 @@ class SandboxWorker:
             if not chunk:
                 raise WorkerDied(self._death_reason())
             self._buffer += chunk
+            if len(self._buffer) > MAX_REPLY_BYTES and b"\n" not in self._buffer:
+                raise WorkerDied("the worker broke the protocol (an answer longer than 1 MiB)")
         line, self._buffer = self._buffer.split(b"\n", 1)
         try:
             reply = json.loads(line)
@@ -183,7 +231,10 @@ class SandboxWorker:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
-            return f"the worker process was killed by {name} (memory limit {self.memory_mb} MiB?)"
+            if self.mode == "none":
+                return f"the worker process was killed by {name} (memory limit {self.memory_mb} MiB?)"
+            return (f"the worker process was killed by {name} "
+                    f"(limits: {self.memory_mb} MiB of memory, {self.cpu_s} s of CPU per process)")
         return f"the worker process exited with code {code}"
 
     def kill(self) -> None:
@@ -217,16 +268,31 @@ def _kill_all(workers: set[SandboxWorker]) -> None:
 
 class PythonGrader(Grader):
     """OpenAI's python grader: `source` defining `grade(sample, item)`; `image_tag` is accepted and
-    ignored (the sandbox uses this interpreter and its installed packages)."""
+    ignored (the sandbox uses this interpreter and its installed packages).
+
+    `sandbox` is "namespaces" (kernel isolation; SandboxUnavailable where there is none) or
+    "none" (no isolation, on explicit request only; warned about on every build).
+    """
 
     type = "python"
     concurrent = True
 
-    def __init__(self, spec: Mapping[str, Any], *, timeout_s: float = 10.0, memory_mb: int = 1024):
+    def __init__(
+        self, spec: Mapping[str, Any], *, timeout_s: float = 10.0, memory_mb: int = 1024, sandbox: str = "namespaces",
+    ):
         super().__init__(spec)
         self.source: str = spec["source"]
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
+        if sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}, got {sandbox!r}")
+        self.sandbox = sandbox
+        problem = platform_problem() if sandbox == "namespaces" else None
+        if problem:
+            raise SandboxUnavailable(problem)
+        warning = sandbox_warning(sandbox)
+        if warning:
+            logger.warning(warning)
         self._lock = threading.Lock()
         self._idle: list[SandboxWorker] = []
         self._workers: set[SandboxWorker] = set()
@@ -236,6 +302,8 @@ class PythonGrader(Grader):
         # Start one worker now so that a source that fails to load is a spec error at build time.
         try:
             self._release(self._spawn())
+        except SandboxUnavailable:
+            raise
         except GraderSpecError as exc:
             raise GraderSpecError(f"python {self.name!r}: {exc}") from None
         except GraderError as exc:
@@ -248,7 +316,8 @@ class PythonGrader(Grader):
             return sum(1 for worker in self._workers if worker.alive)
 
     def _spawn(self) -> SandboxWorker:
-        worker = SandboxWorker(self.source, memory_mb=self.memory_mb)
+        worker = SandboxWorker(self.source, memory_mb=self.memory_mb, mode=self.sandbox,
+                               cpu_s=cpu_limit_s(self.timeout_s))
         with self._lock:
             self._workers.add(worker)
         return worker
@@ -282,15 +351,15 @@ class PythonGrader(Grader):
     def score(self, context: dict[str, Any]) -> float:
         worker = self._acquire()
         try:
-            value = worker.call(context["sample"], context["item"], self.timeout_s)
+            return worker.call(context["sample"], context["item"], self.timeout_s)
         except (WorkerTimeout, WorkerDied):
-            self._discard(worker)  # the next call starts a fresh process
+            worker.retire = True  # the next call starts a fresh process
             raise
-        except BaseException:
-            self._release(worker)
-            raise
-        self._release(worker)
-        return value
+        finally:
+            if worker.retire:
+                self._discard(worker)
+            else:
+                self._release(worker)
 
     def close(self) -> None:
         with self._lock:
