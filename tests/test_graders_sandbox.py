@@ -706,3 +706,15 @@ def test_the_audit_hook_cannot_be_disarmed(make_unisolated):
     result = make_unisolated(source).grade("x", {})
     assert result.reward is None
     assert "the sandbox audit hook cannot be modified" in result.errors[0]
+
+
+def test_the_config_sandbox_mode_reaches_python_graders_inside_multi(isolation):
+    from rft_core.config import GraderConfig
+    from rft_core.graders import configured_grader
+
+    sub = {"type": "python", "source": "def grade(sample, item):\n    return 1.0"}
+    spec = {"type": "multi", "graders": {"p": sub}, "calculate_output": "p"}
+    for mode in ("none", "namespaces"):
+        with configured_grader(GraderConfig(spec=spec, sandbox=mode, timeout_s=5)) as grader:
+            assert grader.graders["p"].sandbox == mode
+            assert grader.grade("x", {}).reward == 1.0

@@ -35,6 +35,7 @@ __all__ = [
     "GraderSpecError",
     "Sample",
     "build_grader",
+    "configured_grader",
     "grade_batch",
     "load_grader_spec",
     "summarize",
@@ -46,12 +47,12 @@ class GraderType(NamedTuple):
     """What the dispatch table holds for one grader type."""
 
     check: Callable[[Mapping[str, Any]], list[str]]  # spec -> its problems; loads nothing
-    build: Callable[..., Grader]  # (valid spec, *, timeout_s, memory_mb) -> grader
+    build: Callable[..., Grader]  # (valid spec, *, timeout_s, memory_mb, sandbox) -> grader
 
 
 def _spec_only(cls: Callable[[Mapping[str, Any]], Grader]) -> Callable[..., Grader]:
     """The builder of a grader class that needs its spec and no sandbox limits."""
-    return lambda spec, *, timeout_s, memory_mb: cls(spec)
+    return lambda spec, *, timeout_s, memory_mb, sandbox: cls(spec)
 
 
 def _check_multi(spec: Mapping[str, Any]) -> list[str]:
@@ -61,12 +62,14 @@ def _check_multi(spec: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _build_multi(spec: Mapping[str, Any], *, timeout_s: float, memory_mb: int) -> Grader:
+def _build_multi(spec: Mapping[str, Any], *, timeout_s: float, memory_mb: int, sandbox: str) -> Grader:
     built: dict[str, Grader] = {}
     try:
         for name, sub in multi.sub_grader_specs(spec).items():
             # The name the formula uses names the sub-grader in errors too.
-            built[name] = build_grader({**sub, "name": name}, timeout_s=timeout_s, memory_mb=memory_mb)
+            built[name] = build_grader(
+                {**sub, "name": name}, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox
+            )
         return multi.MultiGrader(spec, built)
     except BaseException:
         for grader in built.values():
@@ -104,17 +107,27 @@ def validate_grader_spec(spec: Any) -> list[str]:
     return [f"unknown grader type {kind!r} (one of {', '.join(GRADER_TYPES)})"]
 
 
-def build_grader(spec: Mapping[str, Any], *, timeout_s: float = 10.0, memory_mb: int = 1024) -> Grader:
+def build_grader(
+    spec: Mapping[str, Any], *, timeout_s: float = 10.0, memory_mb: int = 1024, sandbox: str = "namespaces"
+) -> Grader:
     """The grader a spec describes; GraderSpecError listing every problem when the spec is invalid.
 
-    `timeout_s` and `memory_mb` limit each python-grader call (inside multi graders too).
+    `timeout_s` and `memory_mb` limit each python-grader call (inside multi graders too), and
+    `sandbox` says how python graders are isolated (`grader.sandbox`: namespaces or none).
     Model graders load their model (or open their HTTP client) here; python graders start
     their first sandbox process here. Call `close()` (or use `with`) to release them.
     """
     problems = validate_grader_spec(spec)
     if problems:
         raise GraderSpecError("invalid grader spec:\n- " + "\n- ".join(problems))
-    return GRADERS[spec["type"]].build(spec, timeout_s=timeout_s, memory_mb=memory_mb)
+    return GRADERS[spec["type"]].build(spec, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
+
+
+def configured_grader(section: Any) -> Grader:
+    """The grader a config's `grader` section describes, with its limits and sandbox mode."""
+    return build_grader(
+        section.resolved_spec(), timeout_s=section.timeout_s, memory_mb=section.memory_mb, sandbox=section.sandbox
+    )
 
 
 def load_grader_spec(path: str | Path) -> dict[str, Any]:
