@@ -7,19 +7,21 @@ of the same config, or `prefect flow-run retry`, recomputes only what failed and
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
 from rft_core import stages, tracking
 from rft_core.config import RFTConfig
+from rft_core.tracking import tags
 from tasks.stages import (
     evaluate_models,
     promote,
@@ -41,23 +43,36 @@ def _results_storage(config: RFTConfig) -> str:
     return f"local-file-system/{name}"
 
 
-def _with_storage(task_fn, storage: str, fresh: bool):
-    options: dict[str, Any] = {"result_storage": storage}
-    if fresh:
-        options["refresh_cache"] = True
-    return task_fn.with_options(**options)
+@dataclass
+class _StageRunner:
+    """`run(task)(*args)` calls a stage task of this flow run: with the results storage (and
+    `fresh`: recompute, refreshing the cache), reporting to the MLflow parent run, timed into
+    `seconds[task.name]`. A cache hit whose stage run belongs to an earlier pipeline run is tagged
+    `rft.reused.<stage>` on the parent run, so the parent points at the run that did the work."""
 
+    parent_run_id: str
+    tracking_uri: str
+    storage: str
+    fresh: bool
+    seconds: dict[str, float] = field(default_factory=dict)
 
-def open_pipeline_run(config: RFTConfig, tracking_uri: str) -> str:
-    """The MLflow parent run of this flow run: reopened when Prefect retries the flow run."""
-    run_key = str(flow_run.get_id() or "") or None
-    if run_key:
-        existing = tracking.find_pipeline_run(config.experiment, run_key, tracking_uri=tracking_uri)
-        if existing:
-            tracking.reopen_run(existing, tracking_uri=tracking_uri)
-            return existing
-    tags = {"prefect.flow_run_id": run_key} if run_key else {}
-    return tracking.start_pipeline_run(config, tracking_uri=tracking_uri, tags=tags)
+    def __call__(self, stage_task: Task[..., Any]) -> Callable[..., Any]:
+        options: dict[str, Any] = {"result_storage": self.storage}
+        if self.fresh:
+            options["refresh_cache"] = True
+        configured = stage_task.with_options(**options)
+
+        def call(*args: Any) -> Any:
+            started = time.perf_counter()
+            record = configured(*args, parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri)
+            self.seconds[stage_task.name] = time.perf_counter() - started
+            stage_run = getattr(record, "run_id", None)
+            if stage_run and _parent_of(stage_run, self.tracking_uri) not in (self.parent_run_id, None):
+                reused = {tags.TAG_REUSED_PREFIX + stage_task.name: stage_run}
+                tracking.set_tags(self.parent_run_id, reused, tracking_uri=self.tracking_uri)
+            return record
+
+        return call
 
 
 @flow(name="rft-pipeline", log_prints=True)
@@ -68,60 +83,39 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
     logging.getLogger("rft").setLevel(logging.INFO)
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
-    parent = open_pipeline_run(config, uri)
-    log.info("MLflow run %s at %s (look: %s)", parent, uri, tracking.ui_command(uri))
-    storage = _results_storage(config)
-    t = {name: _with_storage(fn, storage, fresh) for name, fn in {
-        "validate": validate_data, "split": split_data, "sft": warmup_sft, "rl": reinforce,
-        "evaluate": evaluate_models, "register": register_model, "promote": promote}.items()}
-    timings: dict[str, float] = {}
+    # A retried flow run continues the MLflow run of its first attempt.
+    with tracking.pipeline_run(config, tracking_uri=uri, flow_run_id=flow_run.get_id()) as parent:
+        log.info("MLflow run %s at %s (look: %s)", parent, uri, tracking.ui_command(uri))
+        run = _StageRunner(parent, uri, _results_storage(config), fresh)
 
-    def timed(name: str, *args: Any) -> Any:
-        started = time.perf_counter()
-        result = t[name](*args, parent_run_id=parent, tracking_uri=uri)
-        timings[name] = time.perf_counter() - started
-        reused = getattr(result, "run_id", None)
-        if reused and _parent_of(reused, uri) not in (parent, None):
-            # A cache hit: the stage's run belongs to an earlier pipeline run; point at it.
-            tracking.set_tags(parent, {f"rft.reused.{name}": reused}, tracking_uri=uri)
-        return result
-
-    try:
-        data = timed("validate", config)
-        split = timed("split", config, data)
-        sft = timed("sft", config, split)
+        data = run(validate_data)(config)
+        split = run(split_data)(config, data)
+        sft = run(warmup_sft)(config, split)
         models = {"sft": sft}
         if config.rl.enabled:
-            models["rl"] = timed("rl", config, split, sft)
-        final = models[list(models)[-1]]
-        evaluation = timed("evaluate", config, split, models)
+            models["rl"] = run(reinforce)(config, split, sft)
+        final = models.get("rl", sft)
+        evaluation = run(evaluate_models)(config, split, models)
         summary: dict[str, Any] = {
             "mlflow_run_id": parent,
             "tracking_uri": uri,
             "metrics": evaluation.metrics,
-            "seconds": timings,
+            "seconds": run.seconds,
             "split": {"train": split.n_train, "validation": split.n_val, "leakage_pairs": split.leakage},
             "rejected": {role: rep["rejected"] for role, rep in data.reports.items()},
             "model_dir": final.model_dir,
         }
         if config.registry.enabled and final.model_uri:
-            registered = timed("register", config, split, final, evaluation)
+            registered = run(register_model)(config, split, final, evaluation)
             summary["registered"] = {"name": registered.name, "version": registered.version}
             summary["gate_metric"] = config.registry.metric
             if config.registry.promote:
-                summary["gate"] = timed("promote", config, split, registered)
-        tracking.log_metrics_once(parent, {f"time/{k}": v for k, v in timings.items()}, tracking_uri=uri)
+                summary["gate"] = run(promote)(config, split, registered)
+
+        tracking.log_metrics_once(parent, {f"time/{k}": v for k, v in run.seconds.items()}, tracking_uri=uri)
         create_markdown_artifact(
             markdown=_report(summary, uri), key="rft-evaluation", description="SFT vs RL on the validation set"
         )
-    except BaseException:
-        # Not when the tracking server is what failed: ending the run would wait minutes on
-        # MLflow's retries and then replace the original error with its own.
-        with contextlib.suppress(Exception):
-            tracking.check_tracking_available(uri)
-            tracking.end_run(parent, "FAILED", tracking_uri=uri)
-        raise
-    tracking.end_run(parent, "FINISHED", tracking_uri=uri)
     return summary
 
 
@@ -129,7 +123,7 @@ def _parent_of(run_id: str, uri: str) -> str | None:
     """The pipeline run a stage run belongs to; None when this store does not know the run (a
     cached stage logged to another MLflow store)."""
     try:
-        return tracking.run_tags(run_id, tracking_uri=uri).get("mlflow.parentRunId")
+        return tracking.run_tags(run_id, tracking_uri=uri).get(tags.TAG_PARENT)
     except Exception:
         return None
 

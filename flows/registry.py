@@ -2,7 +2,7 @@
 
 `evaluate_model` scores a registered model (e.g. `models:/NAME@champion`) on a data set, logs the
 result to MLflow and fails the flow run loudly when the score falls below a threshold.
-`promote_model` runs the promotion gate for one version (or forces it).
+`promote_model` runs the promotion gate for one version (or forces it) through `tracking.promote`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from rft_core import stages, tracking
 from rft_core.config import RFTConfig
+from rft_core.tracking import tags
 
 
 class RegressionDetected(RuntimeError):
@@ -45,30 +46,34 @@ def evaluate_model(
     log = get_run_logger()
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
-    model_uri = model_uri or f"models:/{config.registry.model_name}@{tracking.ALIAS_CHAMPION}"
+    model_uri = model_uri or f"models:/{config.registry.model_name}@{tags.ALIAS_CHAMPION}"
     split = load_validation(config)
     metrics = evaluate_registered(config, model_uri, split)
-    run_id = tracking.start_pipeline_run(
-        config, tracking_uri=uri, run_name=f"evaluate {model_uri}",
-        tags={"rft.kind": "regression-evaluation", "rft.model_uri": model_uri, "data_digest": split.val_digest},
-    )
-    tracking.log_metrics_once(run_id, metrics, tracking_uri=uri)
-    value = metrics.get(metric)
-    failed = threshold is not None and (value is None or value < threshold)
-    verdict = "below threshold" if failed else "ok"
-    tracking.set_tags(run_id, {"regression.verdict": verdict, "regression.threshold": threshold}, tracking_uri=uri)
-    tracking.end_run(run_id, "FAILED" if failed else "FINISHED", tracking_uri=uri)
-    create_markdown_artifact(
-        markdown=f"# Evaluation of `{model_uri}`\n\n"
-        + stages.evaluation_table({model_uri: metrics})
-        + f"\n\n{metric} = {value} (threshold {threshold}): **{verdict}**. MLflow run `{run_id}`.",
-        key="rft-regression",
-    )
-    log.info("%s: %s = %s (threshold %s)", model_uri, metric, value, threshold)
-    if failed:
-        raise RegressionDetected(
-            f"{model_uri}: {metric} = {value} is below the threshold {threshold} (MLflow run {run_id})"
+    run_tags = {
+        tags.TAG_KIND: tags.KIND_REGRESSION,
+        tags.TAG_MODEL_URI: model_uri,
+        tags.TAG_DATA_DIGEST: split.val_digest,
+    }
+    # A regression ends the MLflow run FAILED (the exception leaves the block) as it fails the flow run.
+    name = f"evaluate {model_uri}"
+    with tracking.pipeline_run(config, tracking_uri=uri, run_name=name, tags=run_tags) as run_id:
+        tracking.log_metrics_once(run_id, metrics, tracking_uri=uri)
+        value = metrics.get(metric)
+        failed = threshold is not None and (value is None or value < threshold)
+        verdict = "below threshold" if failed else "ok"
+        verdict_tags = {tags.TAG_REGRESSION_VERDICT: verdict, tags.TAG_REGRESSION_THRESHOLD: threshold}
+        tracking.set_tags(run_id, verdict_tags, tracking_uri=uri)
+        create_markdown_artifact(
+            markdown=f"# Evaluation of `{model_uri}`\n\n"
+            + stages.evaluation_table({model_uri: metrics})
+            + f"\n\n{metric} = {value} (threshold {threshold}): **{verdict}**. MLflow run `{run_id}`.",
+            key="rft-regression",
         )
+        log.info("%s: %s = %s (threshold %s)", model_uri, metric, value, threshold)
+        if failed:
+            raise RegressionDetected(
+                f"{model_uri}: {metric} = {value} is below the threshold {threshold} (MLflow run {run_id})"
+            )
     return metrics
 
 
@@ -86,20 +91,12 @@ def promote_model(
     config = config or RFTConfig()
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
-    evaluator = None
-    data_digest = None
-    if not force:
-        split = load_validation(config)
-        evaluator = stages.model_evaluator(config, split, uri)
-        data_digest = split.val_digest
-    decision = tracking.promotion_gate(
-        config.registry.model_name,
+    split = None if force else load_validation(config)  # forcing compares nothing: no data needed
+    decision = tracking.promote(
+        config.registry,
         version,
-        metric=config.registry.metric,
-        greater_is_better=config.registry.greater_is_better,
-        min_improvement=config.registry.min_improvement,
-        data_digest=data_digest,
-        evaluate=evaluator,
+        data_digest=split.val_digest if split else None,
+        evaluate=stages.model_evaluator(config, split, uri) if split else None,
         force=force,
         tracking_uri=uri,
     )

@@ -78,18 +78,10 @@ def promote_cmd(
     """
     from rft_core import tracking
 
-    decision = _run(
-        tracking_uri,
-        lambda uri: tracking.promotion_gate(
-            name,
-            version,
-            metric=metric,
-            greater_is_better=greater_is_better,
-            min_improvement=min_improvement,
-            force=force,
-            tracking_uri=uri,
-        ),
+    rules = RegistryConfig(
+        model_name=name, metric=metric, greater_is_better=greater_is_better, min_improvement=min_improvement
     )
+    decision = _run(tracking_uri, lambda uri: tracking.promote(rules, version, force=force, tracking_uri=uri))
     console = Console(highlight=False)
     if decision.promoted:
         console.print(f"[green]promoted[/green] {name} v{version} to champion: {escape(decision.reason)}")

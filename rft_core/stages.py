@@ -25,6 +25,7 @@ from typing import Any
 from rft_core import tracking
 from rft_core.checkpoint import hash_of
 from rft_core.config import RFTConfig
+from rft_core.tracking import tags
 
 logger = logging.getLogger("rft.stages")
 
@@ -175,16 +176,12 @@ class Tracking:
 
     @contextlib.contextmanager
     def stage(self, name: str, params: dict[str, Any] | None = None) -> Iterator[str | None]:
+        """The stage's child run for the block (`tracking.stage_run`), or None without a parent."""
         if self.parent_run_id is None:
             yield None
             return
-        run_id = tracking.start_stage_run(self.parent_run_id, name, params, tracking_uri=self.tracking_uri)
-        try:
+        with tracking.stage_run(self.parent_run_id, name, params, tracking_uri=self.tracking_uri) as run_id:
             yield run_id
-        except BaseException:
-            tracking.end_run(run_id, "FAILED", tracking_uri=self.tracking_uri)
-            raise
-        tracking.end_run(run_id, "FINISHED", tracking_uri=self.tracking_uri)
 
     def logger(self, run_id: str | None, prefix: str):
         return tracking.metrics_logger(run_id, prefix, tracking_uri=self.tracking_uri) if run_id else None
@@ -254,7 +251,7 @@ def validate_stage(cfg: RFTConfig, track: Tracking | None = None) -> DataRecord:
                     )
             for report_file in work.glob("*.json*"):
                 tracking.log_artifact(run_id, report_file, "validation", tracking_uri=track.tracking_uri)
-            tracking.set_tags(run_id, {"data_digest": digest}, tracking_uri=track.tracking_uri)
+            tracking.set_tags(run_id, {tags.TAG_DATA_DIGEST: digest}, tracking_uri=track.tracking_uri)
     return record
 
 
@@ -294,8 +291,8 @@ def split_stage(cfg: RFTConfig, data: DataRecord, track: Tracking | None = None)
             tracking.log_artifact(run_id, work / "split.json", "split", tracking_uri=uri)
             tracking.log_dataset(run_id, result.train, "train", frame_digest(result.train), "train", source=work / "train.parquet", tracking_uri=uri)
             tracking.log_dataset(run_id, result.val, "validation", record.val_digest, "validation", source=work / "validation.parquet", tracking_uri=uri)
-            tracking.set_tags(run_id, {"data_digest": record.val_digest}, tracking_uri=uri)
-            tracking.set_tags(track.parent_run_id, {"data_digest": record.val_digest}, tracking_uri=uri)
+            tracking.set_tags(run_id, {tags.TAG_DATA_DIGEST: record.val_digest}, tracking_uri=uri)
+            tracking.set_tags(track.parent_run_id, {tags.TAG_DATA_DIGEST: record.val_digest}, tracking_uri=uri)
     return record
 
 
@@ -448,12 +445,12 @@ def register_stage(
     return RegisterRecord(cfg.registry.model_name, version, f"models:/{cfg.registry.model_name}/{version}")
 
 
-def model_evaluator(cfg: RFTConfig, split: SplitRecord, tracking_uri: str | None):
+def model_evaluator(cfg: RFTConfig, split: SplitRecord, tracking_uri: str | None) -> tracking.Evaluator:
     """For the gate: score a registered model on this run's validation items."""
     from rft_core.data import read_items
 
     def evaluate_uri(model_uri: str) -> dict[str, float]:
-        model, tokenizer = tracking.load_model(model_uri, tracking_uri=tracking_uri)
+        model, tokenizer = tracking.load_logged_model(model_uri, tracking_uri=tracking_uri)
         report = evaluate_loaded(cfg, model, tokenizer, read_items(split.val_items))
         return {f"eval/{k}": v for k, v in report.metrics.items()}
 
@@ -464,12 +461,9 @@ def promote_stage(
     cfg: RFTConfig, split: SplitRecord, registered: RegisterRecord, track: Tracking
 ) -> tracking.GateDecision:
     """The gate: move `champion` to the new version only if it beats the champion on this data."""
-    decision = tracking.promotion_gate(
-        registered.name,
+    decision = tracking.promote(
+        cfg.registry,
         registered.version,
-        metric=cfg.registry.metric,
-        greater_is_better=cfg.registry.greater_is_better,
-        min_improvement=cfg.registry.min_improvement,
         data_digest=split.val_digest,
         evaluate=model_evaluator(cfg, split, track.tracking_uri),
         tracking_uri=track.tracking_uri,
@@ -477,8 +471,11 @@ def promote_stage(
     if track.parent_run_id:
         tracking.set_tags(
             track.parent_run_id,
-            {"registry.version": registered.version, "gate.decision": "promoted" if decision.promoted else "refused",
-             "gate.reason": decision.reason},
+            {
+                tags.TAG_REGISTERED_VERSION: registered.version,
+                tags.GATE_DECISION: "promoted" if decision.promoted else "refused",
+                tags.GATE_REASON: decision.reason,
+            },
             tracking_uri=track.tracking_uri,
         )
     return decision

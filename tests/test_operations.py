@@ -3,9 +3,10 @@
 One module-scoped pair of servers: `prefect server start` and `mlflow server` on 127.0.0.1 (free
 ports, temporary sqlite databases, artifact root and PREFECT_HOME, telemetry off), stopped by
 process group at the end (mlflow server's job runner and huey consumers included). The work pool
-is created and `deployments/prefect.yaml` deployed with the CLI, exactly as docs/operating.md says;
-a process worker runs the flow runs. Pipelines use `deployments/configs/tiny.yaml` with its
-output_dir moved to a temporary directory, so the stages cached by one test are reused by the next.
+is created and `deployments/prefect.yaml` deployed with the CLI, exactly as the README's section
+"Operating it" says; a process worker runs the flow runs. Pipelines use
+`deployments/configs/tiny.yaml` with its output_dir moved to a temporary directory, so the stages
+cached by one test are reused by the next.
 
 Flow runs are triggered with `prefect deployment run` and inspected through the Prefect API
 (states, task runs) and the MLflow server (registered versions, aliases, runs).
@@ -468,8 +469,8 @@ def test_cron_schedules_create_scheduled_runs(ops: Ops, deployed: dict[str, Any]
         assert now < times[0] <= now + timedelta(days=1)
         assert all(b - a == timedelta(days=1) for a, b in zip(times, times[1:], strict=False))
 
-    # Change a schedule from the CLI (docs/operating.md): pausing removed the scheduled runs; a new
-    # cron, replacing the old one, is scheduled again at once.
+    # Change a schedule from the CLI (README, "Operating it", "Change a schedule"): pausing removed
+    # the scheduled runs; a new cron, replacing the old one, is scheduled again at once.
     hour = (now.hour + 12) % 24  # far from now: no run becomes due during the tests
     ops.cli(
         "prefect",

@@ -20,8 +20,8 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from rft_core import tracking
 from rft.cli import app
+from rft_core import tracking
 from rft_core.config import RFTConfig
 
 TINY = {
@@ -101,13 +101,21 @@ def test_pipeline_tracks_every_stage_and_promotes_the_first_model(uninterrupted)
     version = client.get_model_version("rft-model", "1")
     assert version.tags["gate.decision"] == "promoted"
     assert float(version.tags["metric.eval/accuracy"]) == summary["metrics"]["rl"]["accuracy"]
+    # Every stage timed, in the order it ran, in the summary and as the parent run's time/<stage>.
+    assert list(summary["seconds"]) == ["validate", "split", "sft", "rl", "evaluate", "register", "promote"]
+    assert all(seconds > 0 for seconds in summary["seconds"].values())
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("time/")} == {
+        f"time/{stage}": seconds for stage, seconds in summary["seconds"].items()
+    }
+    assert not [k for k in parent.data.tags if k.startswith("rft.reused.")]  # nothing was cached
 
 
 def test_registered_champion_reloads_with_identical_logits(uninterrupted):
     from rft_core.models import load_model, load_tokenizer
 
     cfg, summary = uninterrupted
-    model, tokenizer = tracking.load_model("models:/rft-model@champion", tracking_uri=summary["tracking_uri"])
+    model, tokenizer = tracking.load_logged_model("models:/rft-model@champion", tracking_uri=summary["tracking_uri"])
     local = load_model(summary["model_dir"], cfg.model).eval()
     ids = torch.tensor([load_tokenizer(summary["model_dir"])("Ann has 3 pens. Bob has")["input_ids"]])
     assert torch.equal(model(ids).logits, local(ids).logits)
@@ -136,6 +144,14 @@ def test_rerun_after_rl_failure_reuses_earlier_stages_and_matches_an_uninterrupt
     assert states["rl"] == states["evaluate"] == "Completed"
     assert (sft_dir / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
     assert summary["metrics"] == reference["metrics"]  # same config, same data: same numbers on CPU
+    # The rerun's parent run points at the failed run's stage runs it reused.
+    client = MlflowClient(summary["tracking_uri"])
+    tags = client.get_run(summary["mlflow_run_id"]).data.tags
+    reused = {k.removeprefix("rft.reused."): v for k, v in tags.items() if k.startswith("rft.reused.")}
+    assert set(reused) == {"validate", "split", "sft"}
+    for stage, run_id in reused.items():
+        run = client.get_run(run_id).data.tags
+        assert run["rft.stage"] == stage and run["mlflow.parentRunId"] != summary["mlflow_run_id"]
 
 
 def test_changing_the_rl_section_reruns_rl_and_what_follows_only(uninterrupted, tmp_path):

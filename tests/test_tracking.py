@@ -17,9 +17,9 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from rft_core import tracking
-from rft_core.config import RFTConfig
 from rft.registry import models_cmd, promote_cmd, rollback_cmd
+from rft_core import tracking
+from rft_core.config import RegistryConfig, RFTConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -78,6 +78,24 @@ def test_tracking_uri_comes_from_config_then_env_then_local_default(
     assert tracking.ui_command("http://host:5000") == "http://host:5000"
 
 
+def test_configuring_a_store_leaves_mlflow_tracking_uri_to_the_user(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = f"sqlite:///{tmp_path}/first/mlflow.db"
+    tracking.configure(first)
+    assert tracking.current_tracking_uri() == mlflow.get_tracking_uri() == mlflow.get_registry_uri() == first
+    # MLflow exported it as MLFLOW_TRACKING_URI; the next pipeline would have taken it as the user's.
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    cfg = RFTConfig(output_dir=str(tmp_path / "next"))
+    assert tracking.resolve_tracking_uri(cfg) == f"sqlite:///{tmp_path}/next/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    tracking.configure(f"sqlite:///{tmp_path}/second/mlflow.db")
+    assert os.environ["MLFLOW_TRACKING_URI"] == store
+
+
 def test_dead_server_is_reported_quickly_with_its_uri() -> None:
     uri = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -129,6 +147,46 @@ def test_stage_runs_are_children_and_a_retry_reuses_its_run(store: str) -> None:
     assert fresh != sft
     with pytest.raises(ValueError, match="FINISHED, FAILED or KILLED"):
         tracking.end_run(fresh, "DONE")  # type: ignore[arg-type]
+
+
+def test_pipeline_run_is_reopened_for_its_flow_run_and_ended_by_how_the_block_ends(store: str) -> None:
+    cfg = RFTConfig(experiment="open-close-tests")
+    with pytest.raises(RuntimeError, match="stage broke"), tracking.pipeline_run(
+        cfg, tracking_uri=store, flow_run_id="flow-1"
+    ) as parent:
+        assert client(store).get_run(parent).info.status == "RUNNING"
+        with pytest.raises(RuntimeError), tracking.stage_run(parent, "rl", {"lr": 0.5}) as rl:
+            raise RuntimeError("stage broke")
+        assert client(store).get_run(rl).info.status == "FAILED"
+        raise RuntimeError("stage broke")
+    run = client(store).get_run(parent)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["prefect.flow_run_id"] == "flow-1"
+    assert run.data.tags["rft.kind"] == "pipeline"
+    assert run.data.tags["config_digest"] == cfg.digest()
+
+    # The retried flow run continues the same parent run and the same stage run.
+    with tracking.pipeline_run(cfg, tracking_uri=store, flow_run_id="flow-1") as retried:
+        assert retried == parent and client(store).get_run(parent).info.status == "RUNNING"
+        with tracking.stage_run(parent, "rl", {"lr": 0.5}) as rl_again:
+            assert rl_again == rl
+        assert client(store).get_run(rl).info.status == "FINISHED"
+        assert client(store).get_run(rl).data.tags["rft.attempts"] == "2"
+    assert client(store).get_run(parent).info.status == "FINISHED"
+
+    # Another flow run, or none, gets a run of its own.
+    with tracking.pipeline_run(cfg, tracking_uri=store, flow_run_id="flow-2") as other:
+        assert other != parent
+    with tracking.pipeline_run(cfg, tracking_uri=store, run_name="adhoc", tags={"rft.kind": "x"}) as adhoc:
+        pass
+    run = client(store).get_run(adhoc)
+    assert adhoc not in (parent, other) and run.info.run_name == "adhoc"
+    assert run.data.tags["rft.kind"] == "x" and "prefect.flow_run_id" not in run.data.tags
+
+
+def test_config_tags_are_the_parent_run_tags_taken_from_the_config() -> None:
+    cfg = RFTConfig()
+    assert tracking.config_tags(cfg) == {"config_digest": cfg.digest()}
 
 
 def test_metrics_logger_namespaces_keys_and_keeps_steps(store: str) -> None:
@@ -212,8 +270,16 @@ def register(model_uri: str, name: str, value: float | None, data: str = "val-1"
     return tracking.register_model(model_uri, name, metrics=metrics, data_digest=data, config_digest="cfg")
 
 
-def gate(name: str, version: int, **kwargs: object) -> tracking.GateDecision:
-    return tracking.promotion_gate(name, version, metric="eval/accuracy", **kwargs)  # type: ignore[arg-type]
+def gate(
+    name: str, version: int, *, greater_is_better: bool = True, min_improvement: float = 0.0, **kwargs: object
+) -> tracking.GateDecision:
+    rules = RegistryConfig(
+        model_name=name,
+        metric="eval/accuracy",
+        greater_is_better=greater_is_better,
+        min_improvement=min_improvement,
+    )
+    return tracking.promote(rules, version, **kwargs)  # type: ignore[arg-type]
 
 
 def test_registration_tags_version_and_moves_challenger(store: str, model_uri: str) -> None:
@@ -375,7 +441,7 @@ def test_registry_lock_excludes_concurrent_holders_and_breaks_a_stale_one(store:
     def hold() -> None:
         try:
             for _ in range(5):
-                with tracking._registry_lock(c, name):
+                with tracking.registry_lock(c, name):
                     inside[0] += 1
                     entries[0] += 1
                     overlaps[0] += inside[0] > 1
@@ -397,7 +463,7 @@ def test_registry_lock_excludes_concurrent_holders_and_breaks_a_stale_one(store:
     c.create_registered_model(
         name + tracking.LOCK_SUFFIX, tags={"rft.lock.owner": "dead", "rft.lock.expires": "0"}
     )
-    with tracking._registry_lock(c, name, timeout_s=5) as owner:
+    with tracking.registry_lock(c, name, timeout_s=5) as owner:
         assert c.get_registered_model(name + tracking.LOCK_SUFFIX).tags["rft.lock.owner"] == owner
     # A live one is waited for, then reported.
     c.create_registered_model(
@@ -406,7 +472,7 @@ def test_registry_lock_excludes_concurrent_holders_and_breaks_a_stale_one(store:
     )
     with (
         pytest.raises(tracking.RegistryError, match="held by alive"),
-        tracking._registry_lock(c, name, timeout_s=0.3),
+        tracking.registry_lock(c, name, timeout_s=0.3),
     ):
         pass
     c.delete_registered_model(name + tracking.LOCK_SUFFIX)

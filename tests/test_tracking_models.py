@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rft_core import tracking
-from rft_core.config import RFTConfig
+from rft_core.config import RegistryConfig, RFTConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -125,10 +125,10 @@ def test_full_model_and_lora_adapter_reload_identical(
             "models:/tiny-full@champion",
             f"models:/tiny-full/{v_full}",
         ):
-            model, tokenizer = tracking.load_model(uri)
+            model, tokenizer = tracking.load_logged_model(uri)
             assert torch.equal(logits(model, tokenizer), full_ref), uri
         for uri in (lora_uri, f"runs:/{run_id}/adapter", "models:/tiny-lora@champion"):
-            model, tokenizer = tracking.load_model(uri)
+            model, tokenizer = tracking.load_logged_model(uri)
             assert isinstance(model, PeftModel)
             assert torch.equal(logits(model, tokenizer), lora_ref), uri
     finally:
@@ -239,10 +239,11 @@ def test_pipeline_against_a_real_tracking_server(
     v2 = tracking.register_model(
         model_uri, "served", run_id=stage, metrics={"eval/accuracy": 0.3}, data_digest="d"
     )
-    assert tracking.promotion_gate("served", v1, metric="eval/accuracy", tracking_uri=uri).promoted
-    assert tracking.promotion_gate("served", v2, metric="eval/accuracy", tracking_uri=uri).promoted
+    rules = RegistryConfig(model_name="served", metric="eval/accuracy")
+    assert tracking.promote(rules, v1, tracking_uri=uri).promoted
+    assert tracking.promote(rules, v2, tracking_uri=uri).promoted
     assert tracking.rollback("served", tracking_uri=uri) == v1
     rows = tracking.list_versions("served", tracking_uri=uri)
     assert [r["aliases"] for r in rows] == [["champion"], ["challenger"]]
-    model, tokenizer = tracking.load_model("models:/served@champion", tracking_uri=uri)
+    model, tokenizer = tracking.load_logged_model("models:/served@champion", tracking_uri=uri)
     assert torch.equal(logits(model, tokenizer), full_ref)

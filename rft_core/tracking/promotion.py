@@ -1,0 +1,148 @@
+"""Promotion: `promote` is the one function that makes a registered version champion, or refuses
+to. The pipeline's promote stage, the `promote-model` flow and `rft promote` all call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from mlflow import MlflowClient
+
+from rft_core.tracking.errors import RegistryError
+from rft_core.tracking.gate import GateDecision, Measurement, comparable, decide, fmt
+from rft_core.tracking.registry import (
+    champion_history,
+    current_champion,
+    get_version,
+    metric_tags,
+    now_iso,
+    registry_lock,
+    set_champion_history,
+)
+from rft_core.tracking.tags import (
+    ALIAS_CHAMPION,
+    GATE_CHAMPION_VALUE,
+    GATE_CHAMPION_VERSION,
+    GATE_DECISION,
+    GATE_METRIC,
+    GATE_REASON,
+    GATE_TIME,
+    TAG_DATA_DIGEST,
+)
+from rft_core.tracking.uri import mlflow_client
+
+if TYPE_CHECKING:
+    from rft_core.config import RegistryConfig
+
+# Scores a model (`models:/NAME/V`) on the challenger's validation data: metric key -> value.
+Evaluator = Callable[[str], Mapping[str, float]]
+
+_MAX_RACES = 20
+
+
+def promote(
+    rules: RegistryConfig,
+    version: int | str,
+    *,
+    data_digest: str | None = None,
+    evaluate: Evaluator | None = None,
+    force: bool = False,
+    tracking_uri: str | None = None,
+    lock_timeout_s: float = 120.0,
+) -> GateDecision:
+    """Move alias `champion` of `rules.model_name` to `version` if the gate says so; record why.
+
+    1. Read the challenger: its tag `metric.<rules.metric>`, measured on `data_digest` (default:
+       its own `data_digest` tag).
+    2. Read the champion: its tag value, which counts only when measured on the same data; else
+       `evaluate(models:/NAME/V)` scores it on the challenger's data (without an evaluator the
+       gate refuses).
+    3. Decide with `gate.decide` (`rules.greater_is_better`, `rules.min_improvement`, `force`).
+    4. Under the registry lock, read the champion again: if another promotion moved it meanwhile,
+       go back to 2 against the new one. Else move the alias (and remember the old champion for
+       `rollback`) and tag the version `gate.decision` (promoted or refused), `gate.reason`,
+       `gate.metric`, `gate.champion_version`, `gate.champion_value`, `gate.time`.
+
+    A version that is already champion is returned as refused, with nothing written.
+    """
+    client = mlflow_client(tracking_uri)
+    name, metric = rules.model_name, rules.metric
+    version = int(version)
+    tags = get_version(client, name, version).tags
+    challenger = Measurement(version, metric_tags(tags).get(metric), data_digest or tags.get(TAG_DATA_DIGEST))
+    for _ in range(_MAX_RACES):
+        champion = current_champion(client, name)
+        if champion == version:
+            return GateDecision(
+                False,
+                f"version {version} is already the champion",
+                challenger.value,
+                champion,
+                challenger.value,
+            )
+        # Outside the lock: scoring the champion can take minutes.
+        measured = _measure_champion(client, name, champion, challenger, metric, evaluate, force=force)
+        decision = decide(
+            challenger,
+            measured,
+            metric=metric,
+            greater_is_better=rules.greater_is_better,
+            min_improvement=rules.min_improvement,
+            force=force,
+        )
+        with registry_lock(client, name, timeout_s=lock_timeout_s):
+            if current_champion(client, name) != champion:
+                continue  # another promotion won the race meanwhile: decide against its result
+            if decision.promoted:
+                client.set_registered_model_alias(name, ALIAS_CHAMPION, str(version))
+                if champion is not None:
+                    set_champion_history(client, name, [*champion_history(client, name), champion])
+            for key, value in {
+                GATE_DECISION: "promoted" if decision.promoted else "refused",
+                GATE_REASON: decision.reason,
+                GATE_METRIC: metric,
+                GATE_CHAMPION_VERSION: "none" if champion is None else str(champion),
+                GATE_CHAMPION_VALUE: fmt(decision.champion_value),
+                GATE_TIME: now_iso(),
+            }.items():
+                client.set_model_version_tag(name, str(version), key, value)
+        return decision
+    raise RegistryError(
+        f"the champion of {name!r} kept changing during {_MAX_RACES} attempts to gate version {version}"
+    )
+
+
+def _measure_champion(
+    client: MlflowClient,
+    name: str,
+    champion: int | None,
+    challenger: Measurement,
+    metric: str,
+    evaluate: Evaluator | None,
+    *,
+    force: bool,
+) -> Measurement | None:
+    """The champion's value: its tag, or its score on the challenger's data when the tag is not on
+    that data and the decision depends on it."""
+    if champion is None:
+        return None
+    tags = client.get_model_version(name, str(champion)).tags
+    measured = Measurement(champion, metric_tags(tags).get(metric), tags.get(TAG_DATA_DIGEST))
+    if force or challenger.value is None or evaluate is None or comparable(challenger, measured):
+        return measured
+    if challenger.data_digest is None:
+        raise ValueError(
+            f"version {challenger.version} has no data_digest: give the digest of the data "
+            "the evaluator scores on"
+        )
+    scores = evaluate(f"models:/{name}/{champion}")
+    return Measurement(champion, _metric_value(scores, metric), challenger.data_digest)
+
+
+def _metric_value(scores: Mapping[str, float], metric: str) -> float:
+    """The gate's metric out of an evaluator's result (full key, or the key without its prefix)."""
+    for key in (metric, metric.rsplit("/", 1)[-1]):
+        if key in scores:
+            return float(scores[key])
+    raise RegistryError(f"the evaluator returned no {metric!r} (it returned {sorted(scores)})")

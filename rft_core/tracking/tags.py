@@ -1,0 +1,52 @@
+"""Every MLflow name rft writes besides metric keys: run tags, model version tags, registered-model
+tags, aliases. Users filter and script on these names (`tags.rft.stage = 'rl'`, `@champion`), so
+they are spelled here once and nowhere else."""
+
+from __future__ import annotations
+
+# Aliases of registered model versions.
+ALIAS_CHAMPION = "champion"
+ALIAS_CHALLENGER = "challenger"
+
+# Run tags.
+TAG_KIND = "rft.kind"  # what the run is: KIND_PIPELINE, KIND_REGRESSION
+TAG_STAGE = "rft.stage"  # a stage run's stage: validate, split, sft, rl, evaluate
+TAG_ATTEMPTS = "rft.attempts"  # how often a stage run was opened (retries count up)
+TAG_REUSED_PREFIX = "rft.reused."  # + stage: on a pipeline run, the cached stage run it reused
+TAG_FLOW_RUN = "prefect.flow_run_id"  # the orchestrator's flow run a pipeline run belongs to
+TAG_MODEL_URI = "rft.model_uri"  # the model a regression evaluation scored
+TAG_REGISTERED_VERSION = "registry.version"  # on a pipeline run: the version it registered
+TAG_REGRESSION_VERDICT = "regression.verdict"
+TAG_REGRESSION_THRESHOLD = "regression.threshold"
+TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under it
+TAG_GIT_COMMIT_RUN = "mlflow.source.git.commit"  # the key MLflow's UI shows as the source version
+
+KIND_PIPELINE = "pipeline"
+KIND_REGRESSION = "regression-evaluation"
+
+# Tags shared by runs and model versions.
+TAG_CONFIG_DIGEST = "config_digest"
+TAG_DATA_DIGEST = "data_digest"
+
+# Model version tags.
+TAG_GIT_COMMIT = "git_commit"
+METRIC_TAG_PREFIX = "metric."  # + metric key: the validation metrics the gate reads
+GATE_DECISION = "gate.decision"  # also on the pipeline run
+GATE_REASON = "gate.reason"  # also on the pipeline run
+GATE_METRIC = "gate.metric"
+GATE_CHAMPION_VERSION = "gate.champion_version"
+GATE_CHAMPION_VALUE = "gate.champion_value"
+GATE_TIME = "gate.time"
+ROLLED_BACK = "rollback.demoted_at"
+
+# Registered model tags.
+HISTORY_TAG = "rft.champion_history"  # past champions, oldest first, for rollback
+HISTORY_LIMIT = 100
+
+# The promotion lock: a registered model named <name> + LOCK_SUFFIX, with these tags.
+LOCK_SUFFIX = ".rft-lock"
+LOCK_OWNER = "rft.lock.owner"
+LOCK_EXPIRES = "rft.lock.expires"
+
+# Dataset input tag: a digest longer than MLflow's 36 characters, kept whole.
+INPUT_FULL_DIGEST = "rft.digest"
