@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 
 from rft_core import stages, tracking
 from rft_core.config import RFTConfig
+from rft_core.graders.sandbox import sandbox_warning
 from rft_core.tracking import tags
 from tasks.stages import (
     evaluate_models,
@@ -83,6 +84,8 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
     logging.getLogger("rft").setLevel(logging.INFO)
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
+    if warning := sandbox_warning(config.grader.sandbox):
+        log.warning(warning)  # every run, and the parent run carries the mode as a tag
     # A retried flow run continues the MLflow run of its first attempt.
     with tracking.pipeline_run(config, tracking_uri=uri, flow_run_id=flow_run.get_id()) as parent:
         log.info("MLflow run %s at %s (look: %s)", parent, uri, tracking.ui_command(uri))

@@ -31,7 +31,7 @@ from rft_core.graders.python_grader import (
     WorkerDied,
     cpu_limit_s,
 )
-from rft_core.graders.sandbox import SANDBOX_ENV, platform_problem, sandbox_tags, sandbox_warning
+from rft_core.graders.sandbox import SANDBOX_ENV, platform_problem, sandbox_warning
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-rft-test-4f1d"
@@ -169,7 +169,6 @@ def test_sandbox_none_is_warned_about_on_every_build_and_tagged(caplog, make_uni
     assert "WITHOUT isolation" in warnings[0]
     assert grader.grade("x", {}).reward == 0.5
     assert sandbox_warning("namespaces") is None
-    assert sandbox_tags("none") == {"rft.grader.sandbox": "none"}
     with pytest.raises(ValueError, match="sandbox must be one of namespaces, none"):
         PythonGrader(python_spec("def grade(sample, item):\n    return 1.0\n"), sandbox="off")
 

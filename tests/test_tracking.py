@@ -186,7 +186,9 @@ def test_pipeline_run_is_reopened_for_its_flow_run_and_ended_by_how_the_block_en
 
 def test_config_tags_are_the_parent_run_tags_taken_from_the_config() -> None:
     cfg = RFTConfig()
-    assert tracking.config_tags(cfg) == {"config_digest": cfg.digest()}
+    assert tracking.config_tags(cfg) == {"config_digest": cfg.digest(), "rft.grader.sandbox": "namespaces"}
+    unisolated = RFTConfig.load(None, ["grader.sandbox=none"])
+    assert tracking.config_tags(unisolated)["rft.grader.sandbox"] == "none"
 
 
 def test_metrics_logger_namespaces_keys_and_keeps_steps(store: str) -> None:

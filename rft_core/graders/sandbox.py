@@ -3,8 +3,8 @@
 Two halves, both stdlib only:
 
 - What the pipeline needs to know: the modes (`SANDBOX_MODES`), the refusal message with its fix
-  (`unavailable_message`, `platform_problem`), and the warning and MLflow tag of the explicit
-  opt-out `grader.sandbox: none` (`sandbox_warning`, `sandbox_tags`).
+  (`unavailable_message`, `platform_problem`), and the warning of the explicit opt-out
+  `grader.sandbox: none` (`sandbox_warning`; the pipeline also tags its MLflow run with the mode).
 - What the worker process does to itself: `enter(...)`, called by `_sandbox_child.py` (which loads
   this file by path, so the worker imports nothing else from rft) before any grader code runs.
 
@@ -33,8 +33,6 @@ needed (no bubblewrap, no setuid helper). Nothing here is a Python-level hook:
 
 The environment is the fixed `SANDBOX_ENV`, nothing from the pipeline's.
 
->>> sandbox_tags("none")
-{'rft.grader.sandbox': 'none'}
 >>> sandbox_warning("namespaces") is None
 True
 """
@@ -51,7 +49,6 @@ import stat
 import sys
 
 SANDBOX_MODES = ("namespaces", "none")
-SANDBOX_TAG = "rft.grader.sandbox"
 # The worker's whole environment: thread caps keep numerical libraries inside the memory limit
 # (each BLAS thread reserves address space); HOME and TMPDIR point at the scratch directory.
 SANDBOX_ENV = {
@@ -78,11 +75,6 @@ def sandbox_warning(mode: str) -> str | None:
         "grader.sandbox is 'none': python graders run WITHOUT isolation (they can reach the network, "
         "read the pipeline's environment and files, and start processes); use it only for grader code you trust"
     )
-
-
-def sandbox_tags(mode: str) -> dict[str, str]:
-    """The MLflow run tag that records how python graders were isolated in a run."""
-    return {SANDBOX_TAG: mode}
 
 
 def platform_problem() -> str | None:

@@ -33,6 +33,7 @@ from rft_core.tracking.tags import (
     TAG_CONFIG_DIGEST,
     TAG_FLOW_RUN,
     TAG_GIT_COMMIT_RUN,
+    TAG_GRADER_SANDBOX,
     TAG_KIND,
     TAG_PARENT,
     TAG_STAGE,
@@ -88,7 +89,7 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def config_tags(cfg: RFTConfig) -> dict[str, str]:
     """The tags a parent run takes from its config; the one place to add another (a setting people
     filter runs by or must see on the run, e.g. the grader's sandbox), with its name in `tags.py`."""
-    return {TAG_CONFIG_DIGEST: cfg.digest()}
+    return {TAG_CONFIG_DIGEST: cfg.digest(), TAG_GRADER_SANDBOX: cfg.grader.sandbox}
 
 
 @contextlib.contextmanager

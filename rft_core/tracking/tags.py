@@ -20,6 +20,7 @@ TAG_REGRESSION_VERDICT = "regression.verdict"
 TAG_REGRESSION_THRESHOLD = "regression.threshold"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under it
 TAG_GIT_COMMIT_RUN = "mlflow.source.git.commit"  # the key MLflow's UI shows as the source version
+TAG_GRADER_SANDBOX = "rft.grader.sandbox"  # on a pipeline run: how python graders were isolated
 
 KIND_PIPELINE = "pipeline"
 KIND_REGRESSION = "regression-evaluation"
