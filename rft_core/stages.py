@@ -362,7 +362,7 @@ def evaluate_model_dir(cfg: RFTConfig, model_dir: str | Path, frame: Any, grader
 
 def evaluate_loaded(cfg: RFTConfig, model: Any, tokenizer: Any, frame: Any, grader: Any = None):
     from rft_core.evaluate import evaluate
-    from rft_core.graders import build_grader
+    from rft_core.graders import configured_grader
     from rft_core.models import pick_device
 
     model = model.to(pick_device(cfg.model.device))
@@ -370,7 +370,7 @@ def evaluate_loaded(cfg: RFTConfig, model: Any, tokenizer: Any, frame: Any, grad
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     own = grader is None
-    grader = grader or build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
+    grader = grader or configured_grader(cfg.grader)
     try:
         return evaluate(model, tokenizer, frame, grader, cfg)
     finally:
@@ -394,7 +394,7 @@ def evaluate_stage(
 ) -> EvalRecord:
     """Evaluate each model (e.g. sft and rl) on the validation set with the full eval section."""
     from rft_core.data import read_items
-    from rft_core.graders import build_grader
+    from rft_core.graders import configured_grader
 
     track = track or Tracking()
     key = evaluate_key(cfg, models)
@@ -402,7 +402,7 @@ def evaluate_stage(
     val = read_items(split.val_items)
     results: dict[str, dict[str, float]] = {}
     with track.stage("evaluate", {"eval": cfg.eval.model_dump(mode="json")}) as run_id:
-        grader = build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
+        grader = configured_grader(cfg.grader)
         try:
             for name, record in models.items():
                 report = evaluate_model_dir(cfg, record.model_dir, val, grader)
