@@ -2,8 +2,8 @@
 
     python bench/_ours_rl.py SPEC.json OUT.json      (run by vs_trl.py in the project's venv)
 
-Runs what `RLTrainer.run` runs per iteration (rollout, rollout_stats, update) without validation
-or checkpoints. Instance-level wrappers time the reference forward pass, the update's forward +
+Runs what `RLTrainer.iteration` runs (rollout, rollout_stats, update) without validation or
+checkpoints. Instance-level wrappers time the reference forward pass, the update's forward +
 loss, backward and optimizer steps, so the profile needs no change to the trainer.
 """
 
@@ -57,8 +57,8 @@ def main(spec_path: str, out_path: str) -> None:
     clock = Clock()
     with tempfile.TemporaryDirectory(prefix="rft-bench-") as out_dir:
         trainer = RLTrainer(cfg, train, train.iloc[:1], spec["model_dir"], out_dir, grader=grader)
-        trainer._reference_logprobs = clock.wrap("score_reference", trainer._reference_logprobs)
-        trainer._minibatch_loss = clock.wrap("update_forward_loss", trainer._minibatch_loss)
+        trainer.reference_logprobs = clock.wrap("score_reference", trainer.reference_logprobs)
+        trainer.losses = clock.wrap("update_forward_loss", trainer.losses)
         trainer.accelerator.backward = clock.wrap("update_backward", trainer.accelerator.backward)
         trainer.accelerator.clip_grad_norm_ = clock.wrap("update_optimizer", trainer.accelerator.clip_grad_norm_)
         trainer.optimizer.step = clock.wrap("update_optimizer", trainer.optimizer.step)

@@ -108,7 +108,7 @@ def prepare_inputs(args: argparse.Namespace, workdir: Path, sizes: list[str]) ->
 
 def ordered_prompts(prompts: list[dict], iterations: int, per_iteration: int, seed: int) -> list[dict]:
     """The prompts in the order our trainer draws them, so TRL (unshuffled) sees the same ones."""
-    from rft_core.sft import step_positions
+    from rft_core.training import step_positions
 
     out = []
     for iteration in range(iterations):

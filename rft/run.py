@@ -122,7 +122,8 @@ def train_cmd(
     from rft_core.data import read_items
     from rft_core.models import pick_device, pick_dtype
     from rft_core.rl.trainer import run_rl
-    from rft_core.sft import make_accelerator, run_sft
+    from rft_core.sft import run_sft
+    from rft_core.training import make_accelerator
 
     device = pick_device(cfg.model.device)
     accelerator: Accelerator = make_accelerator(device, pick_dtype(cfg.model.dtype, device))

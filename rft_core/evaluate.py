@@ -19,7 +19,8 @@ from rft_core.config import RFTConfig
 from rft_core.generation import generate, row_seeds
 from rft_core.graders import grade_batch
 from rft_core.graders.numeric import extract_answer, parse_number
-from rft_core.models import encode_prompt, render_prompt
+from rft_core.models import decode, eos_ids, prompt_token_ids
+from rft_core.training import item_records
 
 
 @dataclass
@@ -28,42 +29,6 @@ class EvalReport:
 
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)
-
-
-def item_records(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """What graders see as `item` for each row of a canonical frame."""
-    from rft_core.data import item_dict
-
-    return [item_dict(row) for _, row in frame.iterrows()]
-
-
-def prompt_token_ids(
-    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: RFTConfig, max_length: int
-) -> list[list[int]]:
-    """Rendered and tokenized prompts; longer ones keep their last `max_length` tokens."""
-    has_messages = "messages" in frame.columns
-    result = []
-    for _, row in frame.iterrows():
-        messages = row["messages"] if has_messages else None
-        messages = list(messages) if isinstance(messages, list | tuple) and len(messages) else None
-        text = render_prompt(tokenizer, cfg.model, row["prompt"], messages)
-        result.append(encode_prompt(tokenizer, cfg.model, text)[-max_length:])
-    return result
-
-
-def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
-    """Every token id that ends a completion (chat models often have several)."""
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif isinstance(config_eos, list):
-        ids.update(config_eos)
-    return sorted(i for i in ids if i is not None)
-
-
-def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def sample_completions(
@@ -164,7 +129,7 @@ def evaluate(
     limit = max_items if max_items is not None else ev.max_items
     if limit is not None:
         frame = frame.iloc[:limit]
-    prompts = prompt_token_ids(frame, tokenizer, cfg, cfg.rl.max_prompt_length)
+    prompts = prompt_token_ids(frame, tokenizer, cfg.model, cfg.rl.max_prompt_length)
     items = item_records(frame)
     indices = list(range(len(prompts)))
     rank, world = 0, 1
@@ -229,3 +194,17 @@ def evaluate(
             }
         )
     return EvalReport(metrics=metrics, samples=samples)
+
+
+def validation_metrics(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    frame: pd.DataFrame,
+    grader: Any,
+    cfg: RFTConfig,
+    accelerator: Any | None = None,
+) -> dict[str, float]:
+    """What training stages log and pick their best checkpoint by: greedy `val_accuracy`,
+    `val_reward_mean` and `val_grader_errors` on `frame`."""
+    report = evaluate(model, tokenizer, frame, grader, cfg, k=0, accelerator=accelerator)
+    return {f"val_{key}": report.metrics[key] for key in ("accuracy", "reward_mean", "grader_errors")}

@@ -1,13 +1,16 @@
 """Load causal LMs and tokenizers (hub id or local path), pick device and dtype, add or merge LoRA.
 
-Prompt formatting lives here too, because it depends on the tokenizer: a chat template when the
-tokenizer has one (and the config allows it), else `model.prompt_template`.
+Text <-> tokens lives here too, because it depends on the tokenizer (and the model's generation
+config): prompts are rendered with a chat template when the tokenizer has one (and the config
+allows it), else with `model.prompt_template`; a response ends on one of `eos_ids`, which SFT
+targets (`encode_completion`), rollouts and evaluation share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -15,6 +18,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from rft_core.config import ModelConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Library progress bars for every shard load/save drown the stage's own progress lines.
 hf_logging.disable_progress_bar()
@@ -116,7 +122,7 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-# --------------------------------------------------------------------------- prompts
+# --------------------------------------------------------------------------- text <-> tokens
 
 
 def uses_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig) -> bool:
@@ -151,7 +157,38 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, text: st
     return ids
 
 
+def row_prompt_ids(tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, row: Any) -> list[int]:
+    """Token ids of a canonical row's prompt: its `messages` when it has some, else its `prompt`."""
+    messages = row.get("messages")
+    messages = list(messages) if isinstance(messages, list | tuple) and len(messages) else None
+    return encode_prompt(tokenizer, cfg, render_prompt(tokenizer, cfg, row["prompt"], messages))
+
+
+def prompt_token_ids(
+    frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig, max_length: int
+) -> list[list[int]]:
+    """Rendered and tokenized prompts of a frame; longer ones keep their last `max_length` tokens."""
+    return [row_prompt_ids(tokenizer, cfg, row)[-max_length:] for _, row in frame.iterrows()]
+
+
+def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
+    """Every token id that ends a response (chat models often have several): the tokenizer's EOS,
+    plus the model's generation config EOS list when a model is given."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif isinstance(config_eos, list):
+        ids.update(config_eos)
+    return sorted(i for i in ids if i is not None)
+
+
 def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a target completion, ending with EOS so the model learns to stop."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids + [tokenizer.eos_token_id]
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """The text of a response's token ids, special tokens (EOS, padding) left out."""
+    return tokenizer.decode(list(ids), skip_special_tokens=True)

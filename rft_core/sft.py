@@ -2,20 +2,19 @@
 
 Loss on the solution tokens only (prompt masked), normalised by the number of target tokens in the
 whole optimizer step across all processes, so 1 process with batch 8 and 2 processes with batch 4
-compute the same update. AdamW with warm-up and decay, gradient clipping, periodic validation,
-checkpoints, resume, and the best-validation checkpoint kept. Runs on `accelerate` (CPU, one GPU,
-or `accelerate launch` over several processes).
+compute the same update (`training.Processes`). AdamW with warm-up and decay, gradient clipping,
+periodic validation, checkpoints, resume, and the best-validation checkpoint kept. Runs on
+`accelerate` (CPU, one GPU, or `accelerate launch` over several processes). Shares its set-up and
+bookkeeping with RL through `rft_core.training`.
 
 The same loop pretrains the tiny model on generated documents (`train_language_model`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,19 +38,28 @@ from rft_core.config import RFTConfig, SFTConfig
 from rft_core.models import (
     add_lora,
     encode_completion,
-    encode_prompt,
     load_model,
     load_tokenizer,
     merge_lora,
     pick_device,
     pick_dtype,
-    render_prompt,
+    row_prompt_ids,
     save_model,
+)
+from rft_core.training import (
+    LogFn,
+    Processes,
+    StageResult,
+    load_best_weights,
+    make_accelerator,
+    optimizer_step,
+    save_best_weights,
+    selection_key,
+    stage_grader,
+    step_positions,
 )
 
 logger = logging.getLogger("rft.sft")
-
-LogFn = Callable[[dict[str, float], int], None]
 
 
 @dataclass
@@ -60,15 +68,6 @@ class Example:
 
     prompt_ids: list[int]
     completion_ids: list[int]
-
-
-@dataclass
-class StageResult:
-    """What a training stage leaves behind: the model directory and its final metrics."""
-
-    model_dir: str
-    metrics: dict[str, float]
-    history: list[dict[str, float]]
 
 
 def solution_target(solution: str, reference: str) -> str:
@@ -82,14 +81,11 @@ def solution_target(solution: str, reference: str) -> str:
 def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: RFTConfig) -> list[Example]:
     """Examples from the rows that carry a worked solution; prompts are cut from the left to fit."""
     examples = []
-    has_messages = "messages" in frame.columns
     for _, row in frame.iterrows():
         solution = row.get("solution")
         if not isinstance(solution, str) or not solution.strip():
             continue
-        messages = row["messages"] if has_messages else None
-        messages = list(messages) if isinstance(messages, list | tuple) and len(messages) else None
-        prompt = encode_prompt(tokenizer, cfg.model, render_prompt(tokenizer, cfg.model, row["prompt"], messages))
+        prompt = row_prompt_ids(tokenizer, cfg.model, row)
         completion = encode_completion(tokenizer, solution_target(solution, str(row["reference"])))
         completion = completion[: cfg.sft.max_length - 1]
         prompt = prompt[-(cfg.sft.max_length - len(completion)):]
@@ -131,24 +127,6 @@ def token_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
         logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
     )
     return loss, int((targets != -100).sum())
-
-
-def step_positions(step: int, global_batch: int, n: int, seed: int) -> list[int]:
-    """Example indices of optimizer step `step`: a seeded permutation per epoch, concatenated."""
-    out, start = [], step * global_batch
-    cache: dict[int, list[int]] = {}
-    for pos in range(start, start + global_batch):
-        epoch = pos // n
-        if epoch not in cache:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            cache[epoch] = torch.randperm(n, generator=g).tolist()
-        out.append(cache[epoch][pos % n])
-    return out
-
-
-def make_accelerator(device: torch.device, dtype: torch.dtype) -> Accelerator:
-    mixed = "bf16" if (device.type == "cuda" and dtype == torch.bfloat16) else "no"
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed)
 
 
 @torch.no_grad()
@@ -222,6 +200,7 @@ def train_examples(
         logger.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
     state["settings"] = run_identity
     model, optimizer = accelerator.prepare(model, optimizer)
+    processes = Processes(accelerator)
     device = accelerator.device
     pad_id = tokenizer.pad_token_id
     best_dir = out_dir / "best"
@@ -234,12 +213,10 @@ def train_examples(
         state["history"].append(entry)
         if log and accelerator.is_main_process:
             log(metrics, step)
-        rank = selection_key(metrics)
-        if settings.keep_best and (state["best"] is None or rank > tuple(state["best"])):
-            state["best"], state["best_step"] = list(rank), step
-            if accelerator.is_main_process:
-                shutil.rmtree(best_dir, ignore_errors=True)
-                accelerator.unwrap_model(model).save_pretrained(str(best_dir), safe_serialization=True)
+        key = selection_key(metrics)
+        if settings.keep_best and (state["best"] is None or key > tuple(state["best"])):
+            state["best"], state["best_step"] = list(key), step
+            save_best_weights(accelerator.unwrap_model(model), best_dir, accelerator)
         accelerator.wait_for_everyone()
 
     if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
@@ -254,27 +231,20 @@ def train_examples(
         positions = step_positions(step, global_batch, n, settings.seed)
         step_examples = [examples[i] for i in positions]
         target_tokens = sum(len(e.completion_ids) for e in step_examples)
+        # grad_accum micro-batches: block m holds micro x world examples, this process takes its micro.
+        blocks = (step_examples[m * micro * world : (m + 1) * micro * world] for m in range(settings.grad_accum))
+        mine = [block[rank * micro : (rank + 1) * micro] for block in blocks]
         loss_total = 0.0
-        for m in range(settings.grad_accum):
-            block = step_examples[m * micro * world : (m + 1) * micro * world]
-            mine = block[rank * micro : (rank + 1) * micro]
-            batch = {k: v.to(device) for k, v in collate(mine, pad_id).items()}
-            sync = m == settings.grad_accum - 1
-            with accelerator.no_sync(model) if (world > 1 and not sync) else contextlib.nullcontext():
-                with accelerator.autocast():
-                    nll, _ = token_nll_sum(model, batch)
-                # DDP averages gradients over processes; scaling by world makes it a sum, so the
-                # update is the token-mean over the whole step.
-                loss = nll * world / target_tokens
-                accelerator.backward(loss)
+        for part in processes.accumulate(model, mine):
+            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+            with accelerator.autocast():
+                nll, _ = token_nll_sum(model, batch)
+            processes.backward(nll / target_tokens)  # the token-mean over the whole step
             loss_total += float(nll.detach())
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
         done = step + 1
-        step_loss = _sum_over_processes(accelerator, loss_total) / target_tokens  # a collective: every rank
+        step_loss = processes.total(loss_total) / target_tokens  # a collective: every rank
         if log and accelerator.is_main_process:
             elapsed = time.perf_counter() - started
             log(
@@ -303,43 +273,8 @@ def train_examples(
 
     model = accelerator.unwrap_model(model)
     if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
-        model = _load_weights_from(model, best_dir)
+        model = load_best_weights(model, best_dir)
     return model, state["history"], state
-
-
-def selection_key(metrics: dict[str, float]) -> tuple[float, float, float]:
-    """How checkpoints are ranked: validation accuracy, then mean reward, then lower loss."""
-    return (
-        metrics.get("val_accuracy", 0.0),
-        metrics.get("val_reward_mean", 0.0),
-        -metrics.get("val_loss", 0.0),
-    )
-
-
-def _sum_over_processes(accelerator: Accelerator, value: float) -> float:
-    if accelerator.num_processes == 1:
-        return value
-    t = torch.tensor([value], device=accelerator.device, dtype=torch.float64)
-    return float(accelerator.reduce(t, reduction="sum"))
-
-
-def _load_weights_from(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
-    """Load saved weights (full model or adapter) from `directory` into `model`."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
-        return model
-    files = sorted(directory.glob("*.safetensors"))
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"best checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
-    return model
 
 
 # --------------------------------------------------------------------------- stages
@@ -361,8 +296,7 @@ def run_sft(
     The result directory (`out_dir/model`) holds a full model: a LoRA warm-up is merged into the
     weights, so that the RL stage's adapters-off reference is exactly this model.
     """
-    from rft_core.evaluate import evaluate
-    from rft_core.graders import build_grader
+    from rft_core.evaluate import validation_metrics
 
     out_dir = Path(out_dir)
     device = pick_device(cfg.model.device)
@@ -371,9 +305,6 @@ def run_sft(
     tokenizer = load_tokenizer(base_model, cfg.model)
     examples = sft_examples(train, tokenizer, cfg)
     val_examples = sft_examples(val, tokenizer, cfg)
-    own_grader = grader is None
-    if own_grader:
-        grader = build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
     logger.info("SFT on %d items with solutions (of %d)", len(examples), len(train))
 
     def make_model(checkpoint: Path | None) -> torch.nn.Module:
@@ -388,14 +319,14 @@ def run_sft(
             return load_model(checkpoint, cfg.model, device=accelerator.device, dtype=dtype)
         return model
 
-    def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
-        report = evaluate(model, tokenizer, val, grader, cfg, k=0, accelerator=accelerator)
-        metrics = {f"val_{k}": report.metrics[k] for k in ("accuracy", "reward_mean", "grader_errors")}
-        if val_examples:
-            metrics["val_loss"] = validation_loss(model, val_examples, tokenizer.pad_token_id, cfg.sft.batch_size)
-        return metrics
+    with stage_grader(cfg, grader) as grader:
 
-    try:
+        def evaluate_fn(model: torch.nn.Module) -> dict[str, float]:
+            metrics = validation_metrics(model, tokenizer, val, grader, cfg, accelerator)
+            if val_examples:
+                metrics["val_loss"] = validation_loss(model, val_examples, tokenizer.pad_token_id, cfg.sft.batch_size)
+            return metrics
+
         model, history, state = train_examples(
             make_model=make_model, tokenizer=tokenizer, examples=examples, settings=cfg.sft,
             out_dir=out_dir, accelerator=accelerator, log=log, evaluate_fn=evaluate_fn,
@@ -404,9 +335,6 @@ def run_sft(
                 "lora": cfg.model.lora.model_dump(mode="json"),
             },
         )
-    finally:
-        if own_grader and hasattr(grader, "close"):
-            grader.close()
     final = _final_metrics(history, state)
     model_dir = out_dir / "model"
     if accelerator.is_main_process:

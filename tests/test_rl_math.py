@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from rft_core.config import RLConfig
-from rft_core.rl.advantages import gae, group_advantages, kl_penalty, masked_mean, terminal_rewards, whiten
+from rft_core.rl.advantages import gae, group_advantages, kl_penalty, terminal_rewards, whiten
+from rft_core.rl.algorithms import ALGORITHMS
 from rft_core.rl.losses import ppo_losses
-from rft_core.rl.ppo import ppo_advantages, whiten_global
+from rft_core.rl.ppo import ppo_advantages
 
 
 def t(x):
@@ -53,11 +54,25 @@ def test_whiten_uses_masked_unbiased_statistics():
     x = t([[1.0, 2.0, 3.0, 4.0, 100.0]])
     mask = t([[1, 1, 1, 1, 0]])
     out = whiten(x, mask)
+    # Mean 2.5 and unbiased variance 5/3 of the four unmasked entries; the masked one becomes 0.
     std = math.sqrt(5 / 3)
     assert out.tolist()[0] == pytest.approx([-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std, 0.0], rel=1e-6)
-    same = whiten_global(x, mask, reduce=lambda s: s)
-    assert same.tolist()[0] == pytest.approx(out.tolist()[0], rel=1e-6)
-    assert masked_mean(x, mask).item() == 2.5
+
+
+def test_whiten_over_processes_equals_whitening_the_whole_batch():
+    x = t([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
+    mask = t([[1, 1, 0], [1, 1, 1]])
+    whole = whiten(x, mask)
+    # Two processes with a row each: the first pass collects each one's statistics, the second
+    # whitens each row with their sum, as an all-reduce would give it.
+    local = []
+    for row in (0, 1):
+        whiten(x[row : row + 1], mask[row : row + 1], reduce=lambda s: local.append(s) or s)
+    split = [whiten(x[row : row + 1], mask[row : row + 1], reduce=lambda s: local[0] + local[1]) for row in (0, 1)]
+    assert torch.allclose(torch.cat(split), whole, rtol=1e-12, atol=0)
+    # Mean 3 and unbiased variance 2.5 of the five unmasked entries.
+    std = math.sqrt(2.5)
+    assert whole.tolist()[1] == pytest.approx([0.0, 1 / std, 2 / std], rel=1e-6)
 
 
 def test_ppo_policy_loss_clips_the_ratio_in_the_direction_of_the_advantage():
@@ -115,3 +130,12 @@ def test_ppo_advantages_kl_is_zero_when_policy_equals_reference():
     # Zero values, gamma 1: every token's advantage is the (discounted by lambda) terminal score.
     assert advantages.tolist()[0] == pytest.approx([0.95**2, 0.95, 1.0])
     assert returns.tolist()[0] == pytest.approx([0.95**2, 0.95, 1.0])
+
+
+def test_ppo_and_grpo_differ_in_the_critic_and_where_the_kl_goes():
+    ppo, grpo = ALGORITHMS["ppo"], ALGORITHMS["grpo"]
+    assert ppo.value_head and not ppo.kl_in_loss
+    assert not grpo.value_head and grpo.kl_in_loss and grpo.min_samples_per_prompt == 2
+    # Each reports the losses it trains: the value loss with a critic, the KL term when it is one.
+    assert ppo.loss_stats == ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")
+    assert grpo.loss_stats == ("pg_loss", "kl_loss", "clipfrac", "approx_kl")

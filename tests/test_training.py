@@ -306,3 +306,22 @@ def test_shared_prompt_scoring_equals_scoring_each_row_with_its_prompt(task):
         (score_tokens(model, ids, am, mask.shape[1], 0.8, head, group_size=group)[0] * mask).sum().backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
+
+
+def test_a_minibatch_without_its_padding_columns_scores_as_the_full_width_does(task):
+    from rft_core.rl.rollout import Rollout, pack, score_tokens
+
+    cfg, _, _, model_dir = task
+    model = load_model(model_dir, cfg.model).eval()
+    tok = load_tokenizer(model_dir)
+    prompts = [tok("Ann has 9 pens. Bob has")["input_ids"], tok("Cal")["input_ids"], tok("Dee has")["input_ids"]]
+    completions = [[5, 6, 7, 8, 9, 10], [11, 12], [13]]
+    ids, am, mask = pack(prompts, completions, tok.pad_token_id)
+    n = len(prompts)
+    batch = Rollout(ids, am, mask, list(range(n)), [""] * n, torch.zeros(n), torch.ones(n, dtype=torch.bool), [True] * n)
+    rows = torch.tensor([2, 1])  # the short prompts and responses: left and right padding columns go
+    input_ids, attention_mask, width = batch.minibatch(rows)
+    assert width == 2 and input_ids.shape[1] < ids.shape[1] - mask.shape[1] + width
+    full = score_tokens(model, ids[rows], am[rows], mask.shape[1])[0][:, :width]
+    trimmed = score_tokens(model, input_ids, attention_mask, width)[0]
+    assert torch.allclose(full * mask[rows, :width], trimmed * mask[rows, :width], atol=1e-5)

@@ -1,4 +1,4 @@
-"""The maths of the rewards side: masked statistics, KL penalty, GAE, whitening, group advantages.
+"""The maths of the rewards side: KL penalty, terminal rewards, GAE, whitening, group advantages.
 
 Tensors are [batch, response_tokens] with a 0/1 `mask` marking real response tokens (padding after
 the end of each response is 0). Pure functions, tested against hand-computed values.
@@ -6,36 +6,11 @@ the end of each response is 0). Pure functions, tested against hand-computed val
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-
-def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    if dim is None:
-        return masked_sum(x, mask) / mask.sum().clamp(min=1)
-    return masked_sum(x, mask, dim) / mask.sum(dim).clamp(min=1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        if n > 1:
-            var = var * n / (n - 1)
-    return var
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; `shift_mean=False` keeps the mean (rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+Reduce = Callable[[torch.Tensor], torch.Tensor]  # a sum over processes (the identity in one process)
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -83,6 +58,21 @@ def gae(
         last_gae = last_gae * mask[:, t]
         advantages[:, t] = last_gae
     return advantages, (advantages + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); masked-out entries become 0.
+
+    With `reduce` (a sum over processes), the statistics are those of every process's entries
+    together, so a batch split over processes is whitened as the whole batch would be.
+    """
+    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).to(torch.float64)
+    if reduce is not None:
+        stats = reduce(stats)
+    total, total_sq, n = stats.tolist()
+    mean = total / max(n, 1.0)
+    var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
+    return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask
 
 
 def group_advantages(

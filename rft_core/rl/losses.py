@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+LOSS_STATS = ("pg_loss", "vf_loss", "kl_loss", "clipfrac", "approx_kl", "vf_clipfrac")
+
 
 @dataclass
 class LossOutput:
@@ -20,6 +22,10 @@ class LossOutput:
     clipfrac: torch.Tensor
     approx_kl: torch.Tensor
     vf_clipfrac: torch.Tensor
+
+    def stats(self) -> torch.Tensor:
+        """The terms and statistics of the loss, in `LOSS_STATS` order: a float64 vector, no gradient."""
+        return torch.tensor([float(getattr(self, key).detach()) for key in LOSS_STATS], dtype=torch.float64)
 
 
 def _normalised(x: torch.Tensor, mask: torch.Tensor, normaliser: float | torch.Tensor) -> torch.Tensor:

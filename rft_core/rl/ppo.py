@@ -7,23 +7,10 @@ advantages; advantages are whitened over the whole batch (all processes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from rft_core.config import RLConfig
-from rft_core.rl.advantages import gae, kl_penalty, terminal_rewards
-
-Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over processes (identity in one process)
-
-
-def whiten_global(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten over the masked entries of every process's batch (unbiased variance)."""
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).to(torch.float64)
-    total, total_sq, n = reduce(stats).tolist()
-    mean = total / max(n, 1.0)
-    var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
-    return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask
+from rft_core.rl.advantages import Reduce, gae, kl_penalty, terminal_rewards, whiten
 
 
 def ppo_advantages(
@@ -43,5 +30,5 @@ def ppo_advantages(
     rewards = terminal_rewards(scores, kl, mask, cfg.kl_coef)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = whiten_global(advantages, mask, reduce)
+        advantages = whiten(advantages, mask, reduce)
     return advantages, returns, kl

@@ -171,6 +171,18 @@ class Rollout:
     def response_length(self) -> int:
         return self.response_mask.shape[1]
 
+    def minibatch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """input_ids, attention_mask and response width of `rows`, without the columns that are
+        padding in every one of them: less compute, same result."""
+        mask = self.response_mask[rows]
+        width = max(1, int(mask.sum(0).nonzero().max().item()) + 1) if mask.any() else 1
+        attention_mask = self.attention_mask[rows]
+        prompt_width = self.input_ids.shape[1] - self.response_length
+        prompt_mask = attention_mask[:, :prompt_width]
+        first = int((prompt_mask.sum(0) > 0).nonzero().min().item()) if prompt_mask.any() else 0
+        end = prompt_width + width
+        return self.input_ids[rows, first:end], attention_mask[:, first:end], width
+
 
 def pack(
     prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int

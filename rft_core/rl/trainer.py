@@ -1,21 +1,19 @@
-"""The RL stage: iterations of rollout (sample, grade, score) and update (PPO or GRPO epochs).
+"""The RL stage: iterations of rollout (sample, grade, score the tokens) -> advantages -> update
+(epochs x minibatches of the clipped loss), for PPO or GRPO (`algorithms.py`: where they differ).
 
 Starts from the warm-up model. With LoRA, fresh adapters are trained and the reference is the same
 weights with adapters off (exactly the warm-up model: no second copy in memory); with full
 fine-tuning, a frozen copy is the reference. Prompt order and every sample are functions of
 (seed, iteration), so resuming from a checkpoint continues exactly where the run stopped, and the
-same batch split over several processes computes the same update.
+same batch split over several processes computes the same update (`training.Processes`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +30,39 @@ from rft_core.checkpoint import (
     save_checkpoint,
 )
 from rft_core.config import RFTConfig
-from rft_core.evaluate import decode, eos_ids, evaluate, item_records, prompt_token_ids
+from rft_core.evaluate import validation_metrics
 from rft_core.generation import row_seeds
 from rft_core.graders import grade_batch
 from rft_core.models import (
     add_lora,
+    decode,
+    eos_ids,
     load_model,
     load_tokenizer,
     merge_lora,
     pick_device,
     pick_dtype,
+    prompt_token_ids,
     save_model,
 )
-from rft_core.rl.grpo import grpo_advantages
-from rft_core.rl.losses import ppo_losses
-from rft_core.rl.ppo import ppo_advantages
+from rft_core.rl.algorithms import ALGORITHMS, Estimate
+from rft_core.rl.losses import LOSS_STATS, LossOutput, ppo_losses
 from rft_core.rl.rollout import PolicyWithValue, Rollout, pack, sample_rollout, score_tokens
-from rft_core.sft import StageResult, make_accelerator, selection_key, step_positions
+from rft_core.training import (
+    LogFn,
+    Processes,
+    StageResult,
+    item_records,
+    load_best_weights,
+    make_accelerator,
+    optimizer_step,
+    save_best_weights,
+    selection_key,
+    stage_grader,
+    step_positions,
+)
 
 logger = logging.getLogger("rft.rl")
-
-LogFn = Callable[[dict[str, float], int], None]
 
 # Fields that change how long a run is, what it reports or how work is batched, not what an
 # iteration computes: a resumed run may change them (e.g. run more iterations).
@@ -78,6 +88,7 @@ class RLTrainer:
         accelerator: Accelerator | None = None,
     ):
         self.cfg, self.rl = cfg, cfg.rl
+        self.algorithm = ALGORITHMS[self.rl.algorithm]
         self.train, self.val = train.reset_index(drop=True), val
         self.init_model = str(init_model)
         self.out_dir = Path(out_dir)
@@ -86,7 +97,8 @@ class RLTrainer:
         device = pick_device(cfg.model.device)
         self.dtype = pick_dtype(cfg.model.dtype, device)
         self.accelerator = accelerator or make_accelerator(device, self.dtype)
-        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.processes = Processes(self.accelerator)
+        self.world, self.rank = self.processes.world, self.processes.rank
         if self.rl.prompts_per_iteration % self.world:
             raise ValueError(
                 f"rl.prompts_per_iteration ({self.rl.prompts_per_iteration}) must divide over "
@@ -99,11 +111,16 @@ class RLTrainer:
         self.group = k if (self.rl.shared_prompt_forward and k > 1 and not cfg.model.gradient_checkpointing) else 1
         wanted = min(rows_local, self.rl.minibatch_size // self.world)
         self.minibatch_local = max(self.group, wanted // self.group * self.group)
-        if self.rl.algorithm == "grpo" and self.rl.samples_per_prompt < 2:
-            raise ValueError("GRPO needs rl.samples_per_prompt >= 2 (it compares samples of a prompt)")
+        micro = self.rl.micro_batch_size // self.world if self.rl.micro_batch_size else self.minibatch_local
+        self.micro_batch_local = max(self.group, min(micro, self.minibatch_local) // self.group * self.group)
+        if k < self.algorithm.min_samples_per_prompt:
+            raise ValueError(
+                f"{self.rl.algorithm.upper()} needs rl.samples_per_prompt >= {self.algorithm.min_samples_per_prompt} "
+                "(it compares samples of a prompt)"
+            )
 
         self.tokenizer = load_tokenizer(self.init_model, cfg.model)
-        self.prompts = prompt_token_ids(self.train, self.tokenizer, cfg, self.rl.max_prompt_length)
+        self.prompts = prompt_token_ids(self.train, self.tokenizer, cfg.model, self.rl.max_prompt_length)
         self.items = item_records(self.train)
         self.eos = eos_ids(self.tokenizer)
 
@@ -113,7 +130,7 @@ class RLTrainer:
         )
         resume_from = resumable_checkpoint(self.ckpt_root, identity, "rl.")
         policy = self._build_policy(resume_from)
-        self.module = PolicyWithValue(policy, with_value_head=self.rl.algorithm == "ppo").to(self.accelerator.device)
+        self.module = PolicyWithValue(policy, with_value_head=self.algorithm.value_head).to(self.accelerator.device)
         self.reference = None
         if not cfg.model.lora.enabled and self._needs_reference():
             self.reference = load_model(self.init_model, cfg.model, device=self.accelerator.device, dtype=self.dtype)
@@ -142,45 +159,90 @@ class RLTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         self.model.eval()  # no dropout anywhere in RL: sampling, scoring and updates see one policy
 
-    # ------------------------------------------------------------------ set-up
-
-    def _needs_reference(self) -> bool:
-        return self.rl.kl_coef > 0
-
-    def _build_policy(self, checkpoint: Path | None) -> torch.nn.Module:
-        device = self.accelerator.device
-        if self.cfg.model.lora.enabled:
-            base = load_model(self.init_model, self.cfg.model, device=device, dtype=self.dtype)
-            if checkpoint is not None:
-                from peft import PeftModel
-
-                return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
-            return add_lora(base, self.cfg.model)
-        source = checkpoint / "model" if checkpoint is not None else self.init_model
-        return load_model(source, self.cfg.model, device=device, dtype=self.dtype)
-
-    @property
-    def policy(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy
-
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world == 1:
-            return t
-        return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum").cpu()
-
-    def _reference_logprobs(self, input_ids, attention_mask, length) -> torch.Tensor | None:
-        if not self._needs_reference():
-            return None
-        if self.reference is not None:
-            return score_tokens(
-                self.reference, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
-            )[0]
-        with self.policy.disable_adapter():
-            return score_tokens(
-                self.policy, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
-            )[0]
-
     # ------------------------------------------------------------------ one iteration
+
+    def iteration(self, iteration: int) -> dict[str, float]:
+        """One RL iteration: rollout (sample, grade, score) -> advantages -> update; its statistics."""
+        started, timings = time.perf_counter(), {}
+        self._set_iteration_lr(iteration)
+        batch = self.rollout(iteration, timings)
+        stats = self.rollout_stats(batch, timings)
+        stats.update(self.update(batch, iteration, timings))
+        stats["lr"] = self.scheduler.get_last_lr()[0]
+        update_tokens = self.processes.sum(torch.tensor([timings["update_tokens"]])).item()
+        stats["update_tokens_per_s"] = update_tokens / max(1e-9, timings["update"])
+        for key in ("generate", "grade", "score", "update"):
+            stats[f"time_{key}"] = timings[key]
+        stats["time_iteration"] = time.perf_counter() - started
+        return stats
+
+    def update(self, batch: Rollout, iteration: int, timings: dict[str, float]) -> dict[str, float]:
+        """Advantages, then `ppo_epochs` passes over the batch in shuffled minibatches, one optimizer
+        step each; statistics averaged over the steps."""
+        rl, processes = self.rl, self.processes
+        estimate = self.algorithm.advantages(batch, rl, processes.sum)  # the PPO / GRPO seam
+        stats = processes.mean(estimate.stats)
+        stats["kl"] = processes.total(estimate.kl.sum()) / max(1.0, processes.total(len(estimate.kl)))
+
+        t0, steps, tokens = time.perf_counter(), 0, 0
+        totals = torch.zeros(len(LOSS_STATS), dtype=torch.float64)  # loss statistics, summed over steps
+        for epoch in range(rl.ppo_epochs):
+            for rows in self.minibatches(iteration, epoch, len(batch.texts)):
+                # The loss's denominator: response tokens of the whole minibatch (every process).
+                normaliser = processes.total(batch.response_mask[rows].sum())
+                if normaliser == 0:
+                    continue
+                step_totals = torch.zeros_like(totals)
+                for part in processes.accumulate(self.model, self.micro_batches(rows)):
+                    out = self.losses(batch, part, estimate, normaliser)
+                    processes.backward(out.loss)
+                    step_totals += out.stats()
+                    tokens += int(batch.attention_mask[part].sum())
+                optimizer_step(self.accelerator, self.params, self.optimizer, self.scheduler, rl.max_grad_norm)
+                totals += processes.sum(step_totals)
+                steps += 1
+        timings.update(update=time.perf_counter() - t0, update_tokens=float(tokens))
+        means = dict(zip(LOSS_STATS, (totals / max(1, steps)).tolist(), strict=True))
+        return stats | {key: means[key] for key in self.algorithm.loss_stats}
+
+    def losses(self, batch: Rollout, rows: torch.Tensor, estimate: Estimate, normaliser: float) -> LossOutput:
+        """The clipped policy loss of `rows`, plus the critic's value loss (PPO) or the KL term
+        (GRPO), as sums over their response tokens divided by `normaliser`."""
+        rl, device = self.rl, self.accelerator.device
+        input_ids, attention_mask, width = batch.minibatch(rows)
+        logprobs, values, _ = self.model(
+            input_ids.to(device), attention_mask.to(device), width, rl.temperature, self.group, with_entropy=False
+        )
+
+        def rollout_side(t: torch.Tensor) -> torch.Tensor:  # what the rollout computed for these tokens
+            return t[rows, :width].to(device)
+
+        kwargs: dict[str, Any] = {}
+        if self.algorithm.value_head:
+            kwargs.update(
+                values=values, old_values=rollout_side(batch.values), returns=rollout_side(estimate.returns),
+                vf_clip_range=rl.vf_clip_range, vf_coef=rl.vf_coef,
+            )
+        if self.algorithm.kl_in_loss and batch.ref_logprobs is not None:
+            kwargs.update(ref_logprobs=rollout_side(batch.ref_logprobs), kl_coef=rl.kl_coef)
+        return ppo_losses(
+            logprobs, rollout_side(batch.logprobs), rollout_side(estimate.advantages),
+            rollout_side(batch.response_mask), clip_range=rl.clip_range, normaliser=normaliser, **kwargs,
+        )
+
+    def minibatches(self, iteration: int, epoch: int, n_rows: int) -> list[torch.Tensor]:
+        """This process's rows in this epoch's shuffled order, cut into minibatches; the samples of
+        a prompt stay together (see `group`)."""
+        g = torch.Generator().manual_seed((self.rl.seed * 1_000_003 + iteration) * 101 + epoch)
+        groups = torch.randperm(n_rows // self.group, generator=g)
+        order = (groups[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+        return [order[start : start + self.minibatch_local] for start in range(0, n_rows, self.minibatch_local)]
+
+    def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """A minibatch in chunks of `rl.micro_batch_size` (gradient accumulation bounds memory)."""
+        return [rows[i : i + self.micro_batch_local] for i in range(0, len(rows), self.micro_batch_local)]
+
+    # ------------------------------------------------------------------ rollout
 
     def iteration_prompts(self, iteration: int) -> list[int]:
         """This process's share of the iteration's training items."""
@@ -190,6 +252,8 @@ class RLTrainer:
 
     @torch.no_grad()
     def rollout(self, iteration: int, timings: dict[str, float]) -> Rollout:
+        """Sample `samples_per_prompt` completions of this process's prompts, grade them, and score
+        their tokens under the policy, the critic and the reference."""
         k = self.rl.samples_per_prompt
         items = self.iteration_prompts(iteration)
         # A sample's seed depends on the run seed, the iteration, the item and the sample index.
@@ -211,118 +275,45 @@ class RLTrainer:
         input_ids, attention_mask, response_mask = pack(prompts, completions, self.tokenizer.pad_token_id)
         response_mask = response_mask * graded[:, None]
         batch = Rollout(input_ids, attention_mask, response_mask, item_idx, texts, scores, graded, stopped)
-        logprobs, values, entropy, ref = [], [], [], []
-        device = self.accelerator.device
-        for start in range(0, len(prompts), self.minibatch_local):
-            sl = slice(start, start + self.minibatch_local)
-            ids, am = input_ids[sl].to(device), attention_mask[sl].to(device)
-            lp, v, ent = self.accelerator.unwrap_model(self.model)(
-                ids, am, batch.response_length, self.rl.temperature, self.group
-            )
-            logprobs.append(lp.cpu())
-            entropy.append(ent.cpu())
-            if v is not None:
-                values.append(v.cpu())
-            r = self._reference_logprobs(ids, am, batch.response_length)
-            if r is not None:
-                ref.append(r.cpu())
-        batch.logprobs, batch.entropy = torch.cat(logprobs), torch.cat(entropy)
-        batch.values = torch.cat(values) if values else None
-        batch.ref_logprobs = torch.cat(ref) if ref else None
+        self.score(batch)
         t3 = time.perf_counter()
         timings.update(generate=t1 - t0, grade=t2 - t1, score=t3 - t2)
         timings["generated_tokens"] = float(sum(len(c) for c in completions))
         return batch
 
-    def update(self, batch: Rollout, iteration: int, timings: dict[str, float]) -> dict[str, float]:
-        rl = self.rl
-        mask = batch.response_mask
-        stats: dict[str, float] = {}
-        if rl.algorithm == "ppo":
-            advantages, returns, kl = ppo_advantages(
-                batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, mask, rl, self._reduce
-            )
-        else:
-            advantages, zero_std = grpo_advantages(batch.scores, batch.graded, mask, rl)
-            returns = None
-            kl = (batch.logprobs - batch.ref_logprobs) * mask if batch.ref_logprobs is not None else torch.zeros_like(mask)
-            stats["zero_std_groups"] = float(self._reduce(torch.tensor([zero_std])).item()) / self.world
-        stats["kl"] = float(self._reduce(kl.sum().reshape(1).double()).item()) / max(
-            1.0, float(self._reduce(torch.tensor([float(len(kl))])).item())
-        )
+    @torch.no_grad()
+    def score(self, batch: Rollout) -> None:
+        """Fill in the sampled tokens' log-probabilities and entropy under the policy, the critic's
+        values and the reference's log-probabilities, in minibatches."""
+        model, device = self.accelerator.unwrap_model(self.model), self.accelerator.device
+        logprobs, values, entropy, ref = [], [], [], []
+        for start in range(0, len(batch.texts), self.minibatch_local):
+            sl = slice(start, start + self.minibatch_local)
+            ids, am = batch.input_ids[sl].to(device), batch.attention_mask[sl].to(device)
+            lp, v, ent = model(ids, am, batch.response_length, self.rl.temperature, self.group)
+            logprobs.append(lp.cpu())
+            entropy.append(ent.cpu())
+            if v is not None:
+                values.append(v.cpu())
+            r = self.reference_logprobs(ids, am, batch.response_length)
+            if r is not None:
+                ref.append(r.cpu())
+        batch.logprobs, batch.entropy = torch.cat(logprobs), torch.cat(entropy)
+        batch.values = torch.cat(values) if values else None
+        batch.ref_logprobs = torch.cat(ref) if ref else None
 
-        t0 = time.perf_counter()
-        device = self.accelerator.device
-        n_rows = len(mask)
-        sums = {"pg_loss": 0.0, "vf_loss": 0.0, "kl_loss": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0}
-        updates, processed_tokens = 0, 0
-        micro = rl.micro_batch_size // self.world if rl.micro_batch_size else self.minibatch_local
-        micro = max(self.group, min(micro, self.minibatch_local) // self.group * self.group)
-        for epoch in range(rl.ppo_epochs):
-            g = torch.Generator().manual_seed((rl.seed * 1_000_003 + iteration) * 101 + epoch)
-            groups = torch.randperm(n_rows // self.group, generator=g)
-            order = (groups[:, None] * self.group + torch.arange(self.group)).reshape(-1)
-            for start in range(0, n_rows, self.minibatch_local):
-                rows = order[start : start + self.minibatch_local]
-                normaliser = float(self._reduce(mask[rows].sum().reshape(1).double()).item())
-                if normaliser == 0:
-                    continue
-                parts = [rows[i : i + micro] for i in range(0, len(rows), micro)]
-                part_stats = {key: 0.0 for key in sums}
-                for j, part in enumerate(parts):
-                    sync = j == len(parts) - 1
-                    ctx = self.accelerator.no_sync(self.model) if (self.world > 1 and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        out = self._minibatch_loss(batch, part, advantages, returns, normaliser, device)
-                        # DDP averages gradients over processes; * world turns that into the sum the
-                        # global normaliser expects.
-                        self.accelerator.backward(out.loss * self.world)
-                    for key in part_stats:
-                        part_stats[key] += float(getattr(out, key).detach())
-                    processed_tokens += int(batch.attention_mask[part].sum())
-                self.accelerator.clip_grad_norm_(self.params, rl.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                reduced = self._reduce(torch.tensor([part_stats[key] for key in sums], dtype=torch.float64))
-                for key, value in zip(sums, reduced.tolist(), strict=True):
-                    sums[key] += value
-                updates += 1
-        timings["update"] = time.perf_counter() - t0
-        timings["update_tokens"] = float(processed_tokens)
-        for key, value in sums.items():
-            if rl.algorithm == "grpo" and key in ("vf_loss", "vf_clipfrac"):
-                continue
-            if rl.algorithm == "ppo" and key == "kl_loss":
-                continue
-            stats[key] = value / max(1, updates)
-        return stats
-
-    def _minibatch_loss(self, batch: Rollout, rows, advantages, returns, normaliser, device):
-        mask = batch.response_mask[rows]
-        # Trim columns that are padding in every row of this minibatch: less compute, same result.
-        resp_len = max(1, int(mask.sum(0).nonzero().max().item()) + 1) if mask.any() else 1
-        am = batch.attention_mask[rows]
-        prompt_width = batch.input_ids.shape[1] - batch.response_length
-        first = int((am[:, :prompt_width].sum(0) > 0).nonzero().min().item()) if am[:, :prompt_width].any() else 0
-        end = prompt_width + resp_len
-        ids = batch.input_ids[rows, first:end].to(device)
-        am = am[:, first:end].to(device)
-        logprobs, values, _ = self.model(ids, am, resp_len, self.rl.temperature, self.group, with_entropy=False)
-        cut = slice(0, resp_len)
-        kwargs: dict[str, Any] = {}
-        if self.rl.algorithm == "ppo":
-            kwargs.update(
-                values=values, old_values=batch.values[rows, cut].to(device),
-                returns=returns[rows, cut].to(device), vf_clip_range=self.rl.vf_clip_range,
-                vf_coef=self.rl.vf_coef,
-            )
-        elif batch.ref_logprobs is not None:
-            kwargs.update(ref_logprobs=batch.ref_logprobs[rows, cut].to(device), kl_coef=self.rl.kl_coef)
-        return ppo_losses(
-            logprobs, batch.logprobs[rows, cut].to(device), advantages[rows, cut].to(device),
-            mask[:, cut].to(device), clip_range=self.rl.clip_range, normaliser=normaliser, **kwargs,
-        )
+    def reference_logprobs(self, input_ids, attention_mask, length) -> torch.Tensor | None:
+        """Log-probabilities of the sampled tokens under the warm-up model (None without a KL term)."""
+        if not self._needs_reference():
+            return None
+        if self.reference is not None:
+            return score_tokens(
+                self.reference, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
+            )[0]
+        with self.policy.disable_adapter():
+            return score_tokens(
+                self.policy, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
+            )[0]
 
     def rollout_stats(self, batch: Rollout, timings: dict[str, float]) -> dict[str, float]:
         graded = batch.graded
@@ -330,7 +321,7 @@ class RLTrainer:
         correct = float(((batch.scores >= self.cfg.eval.pass_threshold) & graded).sum())
         lengths = batch.attention_mask[:, -batch.response_length :].sum(1).float()
         mask = batch.response_mask
-        totals = self._reduce(
+        totals = self.processes.sum(
             torch.tensor(
                 [reward_sum, float(graded.sum()), correct, float(len(graded)), float(lengths.sum()),
                  float((~graded).sum()), float((batch.entropy * mask).sum()), float(mask.sum()),
@@ -349,20 +340,69 @@ class RLTrainer:
             "rollout_tokens_per_s": generated / max(1e-9, timings["generate"]),
         }
 
+    # ------------------------------------------------------------------ set-up
+
+    def _needs_reference(self) -> bool:
+        return self.rl.kl_coef > 0
+
+    def _build_policy(self, checkpoint: Path | None) -> torch.nn.Module:
+        device = self.accelerator.device
+        if self.cfg.model.lora.enabled:
+            base = load_model(self.init_model, self.cfg.model, device=device, dtype=self.dtype)
+            if checkpoint is not None:
+                from peft import PeftModel
+
+                return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
+            return add_lora(base, self.cfg.model)
+        source = checkpoint / "model" if checkpoint is not None else self.init_model
+        return load_model(source, self.cfg.model, device=device, dtype=self.dtype)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model).policy
+
+    def _set_iteration_lr(self, iteration: int) -> None:
+        """The learning rate of this iteration: warm-up x decay(iteration / iterations). A function of
+        the iteration and the step count only, so a resumed run trains at the same rates."""
+        progress = iteration / self.rl.iterations
+        self._decay = {
+            "constant": 1.0,
+            "linear": 1.0 - progress,
+            "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+        }[self.rl.lr_scheduler]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * factor
+
     # ------------------------------------------------------------------ the loop
 
+    def run(self) -> StageResult:
+        rl = self.rl
+        if self.start_iteration == 0 and rl.eval_interval:
+            self._log(self.validate(0), 0)
+        for iteration in range(self.start_iteration, rl.iterations):
+            stats = self.iteration(iteration)
+            done = iteration + 1
+            if (rl.eval_interval and done % rl.eval_interval == 0) or done == rl.iterations:
+                stats.update(self.validate(done))
+            self._log(stats, done)
+            logger.info(
+                "iteration %d/%d reward %.3f acc %.3f kl %.4f%s", done, rl.iterations, stats["reward_mean"],
+                stats["accuracy"], stats["kl"],
+                f" val_acc {stats['val_accuracy']:.3f}" if "val_accuracy" in stats else "",
+            )
+            if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
+                self.checkpoint(done)
+        return self.finish()
+
     def validate(self, iteration: int) -> dict[str, float]:
-        report = evaluate(self.policy, self.tokenizer, self.val, self.grader, self.cfg, k=0, accelerator=self.accelerator)
-        metrics = {f"val_{k}": report.metrics[k] for k in ("accuracy", "reward_mean", "grader_errors")}
+        metrics = validation_metrics(self.policy, self.tokenizer, self.val, self.grader, self.cfg, self.accelerator)
         self.state["history"].append({"step": iteration, **metrics})
         best = self.state.get("best")
-        rank = selection_key(metrics)
-        if self.rl.keep_best and (best is None or rank > tuple(best)):
-            self.state["best"], self.state["best_iteration"] = list(rank), iteration
-            if self.accelerator.is_main_process:
-                best_dir = self.out_dir / "best"
-                shutil.rmtree(best_dir, ignore_errors=True)
-                self.policy.save_pretrained(str(best_dir), safe_serialization=True)
+        key = selection_key(metrics)
+        if self.rl.keep_best and (best is None or key > tuple(best)):
+            self.state["best"], self.state["best_iteration"] = list(key), iteration
+            save_best_weights(self.policy, self.out_dir / "best", self.accelerator)
             self.accelerator.wait_for_everyone()
         return metrics
 
@@ -378,59 +418,13 @@ class RLTrainer:
             )
         self.accelerator.wait_for_everyone()
 
-    def _set_iteration_lr(self, iteration: int) -> None:
-        """The learning rate of this iteration: warm-up x decay(iteration / iterations). A function of
-        the iteration and the step count only, so a resumed run trains at the same rates."""
-        progress = iteration / self.rl.iterations
-        self._decay = {
-            "constant": 1.0,
-            "linear": 1.0 - progress,
-            "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
-        }[self.rl.lr_scheduler]
-        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * factor
-
-    def run(self) -> StageResult:
-        rl = self.rl
-        if self.start_iteration == 0 and rl.eval_interval:
-            self._log(self.validate(0), 0)
-        for iteration in range(self.start_iteration, rl.iterations):
-            timings: dict[str, float] = {}
-            started = time.perf_counter()
-            self._set_iteration_lr(iteration)
-            batch = self.rollout(iteration, timings)
-            stats = self.rollout_stats(batch, timings)
-            stats.update(self.update(batch, iteration, timings))
-            done = iteration + 1
-            stats["lr"] = self.scheduler.get_last_lr()[0]
-            stats["update_tokens_per_s"] = self._reduce(torch.tensor([timings["update_tokens"]])).item() / max(
-                1e-9, timings["update"]
-            )
-            for key in ("generate", "grade", "score", "update"):
-                stats[f"time_{key}"] = timings[key]
-            stats["time_iteration"] = time.perf_counter() - started
-            if (rl.eval_interval and done % rl.eval_interval == 0) or done == rl.iterations:
-                stats.update(self.validate(done))
-            self._log(stats, done)
-            logger.info(
-                "iteration %d/%d reward %.3f acc %.3f kl %.4f%s", done, rl.iterations, stats["reward_mean"],
-                stats["accuracy"], stats["kl"],
-                f" val_acc {stats['val_accuracy']:.3f}" if "val_accuracy" in stats else "",
-            )
-            if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
-                self.checkpoint(done)
-        return self.finish()
-
     def finish(self) -> StageResult:
         policy = self.policy
         history = self.state["history"]
         chosen = history[-1] if history else {}
         best_iteration = self.state.get("best_iteration")
         if self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations:
-            from rft_core.sft import _load_weights_from
-
-            policy = _load_weights_from(policy, self.out_dir / "best")
+            policy = load_best_weights(policy, self.out_dir / "best")
             chosen = next(h for h in history if h["step"] == best_iteration)
         model_dir = self.out_dir / "model"
         if self.accelerator.is_main_process:
@@ -459,14 +453,6 @@ def run_rl(
     accelerator: Accelerator | None = None,
 ) -> StageResult:
     """RL (PPO or GRPO, from `cfg.rl`) starting from `init_model`; the result is a full model."""
-    from rft_core.graders import build_grader
-
-    own = grader is None
-    if own:
-        grader = build_grader(cfg.grader.resolved_spec(), timeout_s=cfg.grader.timeout_s, memory_mb=cfg.grader.memory_mb)
-    try:
+    with stage_grader(cfg, grader) as grader:
         trainer = RLTrainer(cfg, train, val, init_model, out_dir, grader=grader, log=log, accelerator=accelerator)
         return trainer.run()
-    finally:
-        if own and hasattr(grader, "close"):
-            grader.close()
