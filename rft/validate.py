@@ -12,12 +12,20 @@ from typing import Annotated
 
 import typer
 from rich.console import Console, Group, RenderableType
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from rft.errors import EXIT_NEGATIVE, EXIT_OK, fail
 from rft_core.config import ConfigError, RFTConfig
 from rft_core.data import FORMATS, DataError, ValidationReport, validate_file
+from rft_core.data.schemas import NO_NUMERIC_ANSWER
+
+# The command's own way to give what a library error names (DataError.setting).
+_OPTION_FOR_SETTING = {
+    "data.format": "--format FORMAT",
+    "data.columns": "--config FILE with data.columns",
+}
 
 
 def grader_is_numeric(cfg: RFTConfig) -> bool:
@@ -65,7 +73,8 @@ def validate_cmd(
     try:
         report = validate_file(file, cfg.data, rejects_path=rejects, numeric=numeric, format=format)
     except DataError as exc:
-        raise fail(str(exc)) from None
+        option = _OPTION_FOR_SETTING.get(getattr(exc, "setting", None) or "")
+        raise fail(f"{exc} On the command line: {option}." if option else str(exc)) from None
     if json_output:
         typer.echo(json.dumps({**report.to_dict(), "numeric": numeric}, ensure_ascii=False, indent=2))
     else:
@@ -78,7 +87,7 @@ def render_report(report: ValidationReport, max_problems: int = 20) -> Renderabl
     """The report as a rich renderable: counts, the first problems by line and field, where the rejects went."""
     status = "[green]all rows valid[/]" if report.ok else f"[red]{report.rejected} rejected[/]"
     header = Text.from_markup(
-        f"[bold]{report.path}[/] ({report.format}): {report.rows} rows, "
+        f"[bold]{escape(str(report.path))}[/] ({report.format}): {report.rows} rows, "
         f"[green]{report.valid} valid[/], {status}"
     )
     parts: list[RenderableType] = [header]
@@ -89,13 +98,17 @@ def render_report(report: ValidationReport, max_problems: int = 20) -> Renderabl
         table.add_column("reason", overflow="fold")
         for p in report.problems[:max_problems]:
             where = str(p.line) if p.index is None else f"{p.line if p.line is not None else '-'} [{p.index}]"
-            table.add_row(where, p.field or "-", p.reason)
+            # Text, not markup: fields and reasons quote the file, and '[/x]' in it is not a style.
+            table.add_row(Text(where), Text(p.field or "-"), Text(p.reason))
         parts.append(table)
         if len(report.problems) > max_problems:
             # The table shows only the first ones, so say what the rest are.
             parts.append(Text(f"... and {len(report.problems) - max_problems} more problems"))
             kinds = ", ".join(f"{kind} x{n}" for kind, n in report.reason_counts().items())
             parts.append(Text(f"problems by kind: {kinds}"))
+    if any(p.reason.startswith(NO_NUMERIC_ANSWER) for p in report.problems):
+        parts.append(Text("references must hold a number (--numeric, the default with a numeric_match grader); "
+                          "--no-numeric accepts text references"))
     if report.rejects_path:
         parts.append(Text(f"rejected rows written to {report.rejects_path}"))
     return Group(*parts)

@@ -288,3 +288,14 @@ def test_rft_validate_as_a_real_command(bad_rows):
     report = json.loads(proc.stdout)
     assert (report["rows"], report["valid"], report["rejected"]) == (9, 2, 7)
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_adds_its_own_option_to_a_library_error_that_names_a_setting(tmp_path):
+    path = tmp_path / "items.txt"
+    path.write_text("prompt,reference\nWhat is 1+1?,2\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_items(path)
+    assert err.value.setting == "data.format" and "--format" not in str(err.value)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "set data.format" in result.stderr and "On the command line: --format FORMAT." in result.stderr

@@ -5,11 +5,15 @@
     split = split_items(result.frame, cfg.data)                  # train, val, manifest, leakage
     train, val = apply_manifest(result.frame, SplitManifest.load("split.json"))
 
-formats.py reads the files, schemas.py defines the frame, validate.py reports, split.py splits,
+readers.py reads a file's bytes into raw rows (JSON lines, JSON array, CSV, Parquet), detect.py tells
+the format, records.py maps each format's records onto the canonical columns, load.py judges the rows
+into items and rejects; schemas.py defines the frame, validate.py reports, split.py splits,
 synthetic.py generates the built-in task; `rft validate` (rft/validate.py) is the command over validate.py.
 """
 
-from rft_core.data.formats import FORMATS, LoadResult, Reject, detect_format, load_items, split_gsm8k_answer
+from rft_core.data.detect import detect_format
+from rft_core.data.load import LoadResult, Reject, load_items
+from rft_core.data.records import FORMATS, split_gsm8k_answer
 from rft_core.data.schemas import (
     CANONICAL_COLUMNS,
     ITEMS_SCHEMA,

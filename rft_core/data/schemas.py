@@ -47,7 +47,15 @@ _ITEMS_METADATA_KEY = b"rft.items"
 
 
 class DataError(ValueError):
-    """A data file that cannot be used at all (missing, empty, not data); the message names it."""
+    """A data file that cannot be used at all (missing, empty, not data); the message names it.
+
+    `setting` names the configuration that fixes it when there is one (`data.format`,
+    `data.columns`), so that a command can point at its own option for it.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -256,7 +264,8 @@ def item_dict(row: pd.Series | Mapping[str, Any]) -> dict[str, Any]:
 
 def _row_fingerprint(row: tuple[Any, ...]) -> str:
     text = json.dumps([json_native(v) for v in row], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate in a hand-built frame hashes instead of crashing.
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def frame_digest(frame: pd.DataFrame) -> str:
@@ -279,12 +288,15 @@ def write_items(frame: pd.DataFrame, path: str | Path) -> Path:
     """
     path = Path(path)
     validate_items(frame, source=str(path))
+    odd_names = [repr(c) for c in frame.columns if not isinstance(c, str)]
+    if odd_names:
+        raise DataError(f"{path}: column names must be text, got {', '.join(odd_names[:5])}")
     json_columns = ["messages", *extra_columns(frame)]
     table_data: dict[str, pa_arrow.Array] = {}
     for column in frame.columns:
         values = frame[column].tolist()
         if column in json_columns:
-            encoded = [None if v is None else json.dumps(json_native(v), ensure_ascii=False) for v in values]
+            encoded = [None if v is None else _json_text(v) for v in values]
             table_data[column] = pa_arrow.array(encoded, type=pa_arrow.string())
         else:
             table_data[column] = pa_arrow.array(
@@ -301,26 +313,40 @@ def write_items(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def _json_text(value: Any) -> str:
+    text = json.dumps(json_native(value), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: Arrow strings are UTF-8, JSON escapes keep it
+        text = json.dumps(json_native(value))
+    return text
+
+
 def read_items(path: str | Path) -> pd.DataFrame:
     """Read a frame saved by `write_items` (DataError if the file is not one)."""
     path = Path(path)
     try:
         table = pq.read_table(path)
-    except (OSError, pa_arrow.ArrowInvalid) as exc:
+    except (OSError, pa_arrow.ArrowException, ValueError) as exc:
         raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
     raw_meta = (table.schema.metadata or {}).get(_ITEMS_METADATA_KEY)
     if raw_meta is None:
         raise DataError(f"{path}: not an items file written by write_items (no {_ITEMS_METADATA_KEY.decode()} metadata)")
-    meta = json.loads(raw_meta)
-    columns = table.to_pydict()
-    rows: list[dict[str, Any]] = []
-    for i in range(table.num_rows):
-        row = {}
-        for column in meta["columns"]:
-            value = columns[column][i]
-            if column in meta["json_columns"] and value is not None:
-                value = json.loads(value)
-            row[column] = value
-        rows.append(row)
-    extras = [c for c in meta["columns"] if c not in CANONICAL_COLUMNS]
-    return validate_items(canonical_frame(rows, extras), source=str(path))
+    try:
+        meta = json.loads(raw_meta)
+        columns = table.to_pydict()
+        rows: list[dict[str, Any]] = []
+        for i in range(table.num_rows):
+            row = {}
+            for column in meta["columns"]:
+                value = columns[column][i]
+                if column in meta["json_columns"] and value is not None:
+                    value = json.loads(value)
+                row[column] = value
+            rows.append(row)
+        extras = [c for c in meta["columns"] if c not in CANONICAL_COLUMNS]
+        frame = canonical_frame(rows, extras)
+    except (KeyError, IndexError, TypeError, ValueError, RecursionError, pa_arrow.ArrowException) as exc:
+        # Metadata or cells that write_items would not have written: a damaged or foreign file.
+        raise DataError(f"{path}: not a valid items file ({type(exc).__name__}: {exc})") from None
+    return validate_items(frame, source=str(path))

@@ -10,6 +10,7 @@ row's bytes are not valid UTF-8, so nothing of the input is lost.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from rft_core.config import DataConfig
-from rft_core.data.formats import Reject, load_items
+from rft_core.data.load import Reject, load_items
 from rft_core.data.schemas import DataError, Problem
 
 REJECTS_SUFFIX = ".rejects.jsonl"
@@ -78,16 +79,39 @@ def default_rejects_path(path: str | Path) -> Path:
 
 
 def write_rejects(rejects: list[Reject], path: str | Path) -> Path:
-    """One JSON line per rejected row, its raw text and every problem."""
+    """One JSON line per rejected row, its raw text and every problem.
+
+    Every line is strict JSON whatever the row held: NaN and infinities (a Parquet float column)
+    are written as the strings "NaN", "Infinity", "-Infinity", and a lone surrogate as its
+    `\\udXXX` escape (the file stays valid UTF-8).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8", newline="\n") as out:
+        # backslashreplace turns a lone surrogate inside a JSON string into its JSON escape.
+        with path.open("w", encoding="utf-8", errors="backslashreplace", newline="\n") as out:
             for reject in rejects:
-                out.write(json.dumps(reject.to_dict(), ensure_ascii=False) + "\n")
+                out.write(_json_line(reject.to_dict()) + "\n")
     except OSError as exc:
         raise DataError(f"{path}: cannot write the rejects file: {exc.strerror or exc}") from None
     return path
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere in the raw record
+        return json.dumps(_finite(record), ensure_ascii=False, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(inner) for inner in value]
+    return value
 
 
 def validate_file(
