@@ -1,6 +1,6 @@
 """TRL's side of the GRPO comparison in `bench/vs_trl.py`: `trl.GRPOTrainer`, timed.
 
-    /work/bench-envs/trl-latest/bin/python bench/_trl_grpo.py SPEC.json OUT.json
+    bench/.envs/trl-1.16.0/bin/python bench/_trl_grpo.py SPEC.json OUT.json   (run by vs_trl.py)
 
 Runs in TRL's own virtual environment. The reward is our `numeric_match` grader (imported from the
 repository by path; it needs only the standard library and pydantic), wrapped as a TRL reward

@@ -1,6 +1,6 @@
 """TRL's side of the PPO comparison in `bench/vs_trl.py`: TRL 1.12's `trl.experimental.ppo.PPOTrainer`.
 
-    /work/bench-envs/trl-1.12/bin/python bench/_trl_ppo.py SPEC.json OUT.json
+    bench/.envs/trl-1.12.0/bin/python bench/_trl_ppo.py SPEC.json OUT.json   (run by vs_trl.py)
 
 TRL's PPO scores with a reward *model* and learns a separate value *model*. Both are sequence-
 classification models with the policy's backbone (loaded from the same directory, a fresh score

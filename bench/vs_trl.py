@@ -7,8 +7,9 @@ resident memory of the process, for our `RLTrainer` against
 - GRPO: `trl.GRPOTrainer` of the current TRL release (virtualenv `--trl-python`);
 - PPO: `trl.experimental.ppo.PPOTrainer` of TRL 1.12, the last release that has it (`--trl-ppo-python`);
 at two model sizes (~1M and ~20M parameters). TRL is not a dependency of the project: each side
-runs as its own subprocess, ours in this venv, TRL's in its venv (set-up in bench/README.md), one
-after the other with identical thread settings (OMP/MKL_NUM_THREADS and torch.set_num_threads).
+runs as its own subprocess, ours in this venv, TRL's in its own venv (made on first use under
+bench/.envs/ by bench/trl_envs.py, sharing this interpreter's torch and transformers), one after
+the other with identical thread settings (OMP/MKL_NUM_THREADS and torch.set_num_threads).
 With `--seeds N` every pair runs N times with different seeds (which side goes first alternates)
 and the table gives medians. Also reports our PPO's rollout and update tokens/s and where its
 iteration time goes.
@@ -31,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trl_envs import ENVS, TRL_GRPO, TRL_PPO, ensure_env, env_versions
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 
@@ -47,8 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=3, help="repetitions of every pair (different seeds); medians reported")
     ap.add_argument("--sizes", default="1M,20M", help=f"comma-separated, from {', '.join(SIZES)}")
     ap.add_argument("--algorithms", default="grpo,ppo", help="comma-separated: grpo, ppo")
-    ap.add_argument("--trl-python", default="/work/bench-envs/trl-latest/bin/python", help="python of the TRL (latest) venv")
-    ap.add_argument("--trl-ppo-python", default="/work/bench-envs/trl-1.12/bin/python", help="python of the TRL 1.12 venv")
+    ap.add_argument("--trl-version", default=TRL_GRPO, help="TRL release of the GRPO side (its env: bench/.envs/trl-VERSION)")
+    ap.add_argument("--trl-ppo-version", default=TRL_PPO, help="TRL release of the PPO side (the last with PPO: 1.12.0)")
+    ap.add_argument("--trl-python", default=None, help="python of an existing TRL env for GRPO (default: made on first use)")
+    ap.add_argument("--trl-ppo-python", default=None, help="python of an existing TRL env for PPO (default: made on first use)")
+    ap.add_argument("--envs-dir", default=str(ENVS), help="where the TRL envs are made (default bench/.envs, git-ignored)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads for both sides")
     ap.add_argument("--iterations", type=int, default=4, help="rollout+update iterations per run, warm-up included")
     ap.add_argument("--warmup", type=int, default=1, help="iterations left out of the measurement")
@@ -331,14 +337,21 @@ def main(argv: list[str] | None = None) -> dict:
     for s in sizes:
         if s not in SIZES:
             raise SystemExit(f"unknown size {s!r}; use {', '.join(SIZES)}")
-    pythons = {"grpo": args.trl_python, "ppo": args.trl_ppo_python}
     for a in algorithms:
-        if a not in pythons:
+        if a not in ("grpo", "ppo"):
             raise SystemExit(f"unknown algorithm {a!r}; use grpo, ppo")
-        if not Path(pythons[a]).exists():
-            raise SystemExit(f"TRL python for {a} not found at {pythons[a]}: see bench/README.md for the set-up")
     if args.prompts * args.samples % args.minibatch or args.ppo_prompts % args.minibatch:
         raise SystemExit("--minibatch must divide prompts x samples (GRPO) and --ppo-prompts (PPO)")
+    given = {"grpo": args.trl_python, "ppo": args.trl_ppo_python}
+    versions = {"grpo": args.trl_version, "ppo": args.trl_ppo_version}
+    pythons: dict[str, str] = {}
+    for a in algorithms:
+        if given[a]:
+            if not Path(given[a]).exists():
+                raise SystemExit(f"TRL python for {a} not found at {given[a]}")
+            pythons[a] = given[a]
+        else:  # made on first use (bench/trl_envs.py): a venv sharing this interpreter's torch + trl
+            pythons[a] = str(ensure_env(versions[a], Path(args.envs_dir)))
 
     from rft_core.config import DEFAULT_GRADER
 
@@ -424,7 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "machine": platform.machine(), "cpus": os.cpu_count(),
-            "trl_python": args.trl_python, "trl_ppo_python": args.trl_ppo_python,
+            "trl_python": pythons.get("grpo"), "trl_ppo_python": pythons.get("ppo"),
+            "trl_envs": {a: env_versions(p) for a, p in pythons.items()},
         },
         "measurement": "samples/s = completions finished per second over the iterations after the warm-up "
         "(rollout + update, wall clock); per CPU-s: the same per second of the process's CPU time (less "
