@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rft.errors import fail
+from rft.progress import live_progress
 from rft_core.config import ConfigError, RFTConfig
 
 ConfigOption = Annotated[
@@ -60,7 +61,8 @@ def run_cmd(
     from rft_core import tracking
 
     try:
-        summary = rft_pipeline(config=cfg, fresh=fresh)
+        with live_progress():
+            summary = rft_pipeline(config=cfg, fresh=fresh)
     except tracking.TrackingUnavailable as exc:
         raise fail(str(exc)) from None
     if as_json:
@@ -120,13 +122,13 @@ def train_cmd(
 
     from rft_core import stages
     from rft_core.data import read_items
-    from rft_core.models import pick_device, pick_dtype
+    from rft_core.models import pick_device
     from rft_core.rl.trainer import run_rl
     from rft_core.sft import run_sft
     from rft_core.training import make_accelerator
 
     device = pick_device(cfg.model.device)
-    accelerator: Accelerator = make_accelerator(device, pick_dtype(cfg.model.dtype, device))
+    accelerator: Accelerator = make_accelerator(device)
     # Data stages and the tiny model are prepared once, by the main process; the others wait.
     with accelerator.main_process_first():
         data = stages.validate_stage(cfg)

@@ -1,9 +1,12 @@
 """Training checkpoints: written atomically, found again after a crash, pruned to the last few.
 
 A checkpoint directory holds `model/` (save_pretrained: the full model, or the LoRA adapter),
-optional extra tensors (e.g. the value head), the optimizer and scheduler states, and `state.json`
-(step, data position, metric history). Data order and sampling are functions of (seed, step), so
-the step is the whole position: resuming replays nothing and skips nothing.
+optional extra tensors (e.g. the value head), the optimizer state keyed by parameter name, the
+scheduler state, and `state.json` (step, data position, metric history). Every file holds whole
+tensors, with or without FSDP (the trainers gather a sharded model's weights and optimizer state
+first: `training.Processes`), so one format serves every way of running. Data order and sampling
+are functions of (seed, step), so the step is the whole position: resuming replays nothing and
+skips nothing.
 """
 
 from __future__ import annotations
@@ -46,21 +49,25 @@ def save_checkpoint(
     *,
     model: torch.nn.Module,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     state: dict[str, Any],
     extra: dict[str, torch.Tensor] | None = None,
     keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` (rename of a finished staging dir), keep the last `keep`."""
+    """Write checkpoint `step` under `root` (rename of a finished staging dir), keep the last `keep`.
+
+    `model_state`: the full weights of `model` when its own parameters are shards (FSDP);
+    `optimizer_state`: `Processes.optimizer_state`. The main process calls this."""
     root = Path(root)
     final = root / f"{_PREFIX}{step}"
     staging = root / f".{_PREFIX}{step}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(str(staging / "model"), safe_serialization=True)
+    model.save_pretrained(str(staging / "model"), state_dict=model_state, safe_serialization=True)
     tokenizer.save_pretrained(str(staging / "model"))
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(optimizer_state, staging / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     if extra:
@@ -79,18 +86,21 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def load_optimizer_states(
-    path: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any | None = None
-) -> dict[str, torch.Tensor]:
-    """Restore optimizer, scheduler and RNG from a checkpoint; return its extra tensors."""
+def load_extra(path: str | Path) -> dict[str, torch.Tensor]:
+    """The extra tensors of a checkpoint (e.g. the value head), {} when it has none."""
+    extra = Path(path) / "extra.pt"
+    return torch.load(extra, map_location="cpu", weights_only=True) if extra.exists() else {}
+
+
+def load_training_state(path: str | Path, scheduler: Any | None = None) -> dict[str, Any]:
+    """Restore the scheduler and the RNG from a checkpoint; return its optimizer state (for
+    `Processes.load_optimizer_state`)."""
     path = Path(path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if scheduler is not None and (path / "scheduler.pt").exists():
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
-    extra = path / "extra.pt"
-    return torch.load(extra, map_location="cpu", weights_only=True) if extra.exists() else {}
+    return torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
 
 
 class CheckpointMismatchError(ValueError):

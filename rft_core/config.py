@@ -3,6 +3,10 @@
 Every section owns its defaults and documents each field. A config loads from YAML
 (`RFTConfig.from_yaml`), takes `section.key=value` overrides (`apply_overrides`), and
 rejects unknown keys with an error that names the key and the nearest valid one.
+
+TRL's names of the same settings (`rl.beta`, `rl.num_generations`, `sft.learning_rate`, ...: the table
+`TRL_ALIASES`) are accepted in YAML and `--set` and renamed to ours before validation, with a log
+line that names our key; so a config is always stored, dumped and digested under our names.
 """
 
 from __future__ import annotations
@@ -10,11 +14,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+logger = logging.getLogger("rft.config")
 
 
 class ConfigError(ValueError):
@@ -155,7 +163,13 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype; auto is bfloat16 on a GPU that supports it, else float32."
+        "auto",
+        description="Precision of training and generation. float32: everything in float32. "
+        "bfloat16 / float16: mixed precision, as TRL's bf16=True means: the trained weights and "
+        "their optimizer state stay float32, forward passes run under autocast to that type "
+        "(float16 adds a gradient scaler), and frozen weights (a LoRA base, the RL "
+        "reference model) are stored in it. Trained models are saved in float32 (a merged LoRA "
+        "model in its base's type). auto: bfloat16 on a GPU that supports it, else float32.",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Device; auto picks CUDA, then MPS, then CPU."
@@ -169,7 +183,11 @@ class ModelConfig(Section):
         "item's prompt.",
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the hub.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Trade compute for activation memory: decoder layers keep only their inputs and "
+        "recompute their activations in the backward pass (SFT and RL updates).",
+    )
     lora: LoraSection = Field(default_factory=LoraSection)
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)
 
@@ -266,7 +284,18 @@ class RLConfig(Section):
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling: only the k most probable tokens (0: off).")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="Nucleus sampling: only the most probable tokens that together hold this much "
+        "probability (1: off). With top_k/top_p/min_p on, the RL log-probabilities (old, new, "
+        "reference) are those of the truncated distribution sampled from (rft_core/rl/rollout.py).",
+    )
+    min_p: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Min-p sampling: only tokens at least min_p times as probable as the most probable "
+        "one (0: off). Filters apply in the order top_k, top_p, min_p.",
+    )
     max_new_tokens: int = Field(48, ge=1, description="Longest sampled completion.")
     max_prompt_length: int = Field(384, ge=8, description="Longer prompts are cut from the left.")
     eval_interval: int = Field(20, ge=0, description="Validate every N iterations (0: only at the end).")
@@ -333,6 +362,9 @@ class EvalConfig(Section):
     )
     k: int = Field(0, ge=0, description="Samples per item for pass@k and maj@k (0: greedy only).")
     temperature: float = Field(1.0, gt=0.0, description="Temperature of the k samples.")
+    top_k: int = Field(0, ge=0, description="Top-k filter of the k samples (0: off).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus (top-p) filter of the k samples (1: off).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Min-p filter of the k samples (0: off).")
     max_new_tokens: int = Field(48, ge=1, description="Longest generated answer.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     num_logged_samples: int = Field(32, ge=0, description="Completions kept in the samples table.")
@@ -385,6 +417,17 @@ class RFTConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_names(cls, data: Any) -> Any:
+        """TRL's names become ours before validation, whichever way the config arrives."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            return canonical_names(data)
+        except ConfigError as exc:
+            raise PydanticCustomError("trl_alias", "{message}", {"message": str(exc)}) from None
+
     # ---- construction
 
     @classmethod
@@ -407,6 +450,10 @@ class RFTConfig(Section):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
+        try:
+            raw = canonical_names(raw)  # before the overrides, so that `--set` wins over the file
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         return cls.from_dict(apply_overrides(raw, overrides or []), source=str(path))
 
     @classmethod
@@ -430,6 +477,96 @@ class RFTConfig(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# --------------------------------------------------------------------------- TRL's names
+
+
+TRL_ALIASES: dict[str, dict[str, str]] = {
+    # section -> {TRL's name: ours}. TRL's SFTConfig/GRPOConfig are flat TrainingArguments; here the
+    # same setting lives in the section of the stage it belongs to.
+    "sft": {
+        "learning_rate": "lr",
+        "per_device_train_batch_size": "batch_size",  # both: sequences per micro-batch per process
+        "gradient_accumulation_steps": "grad_accum",
+        "num_train_epochs": "epochs",
+        "lr_scheduler_type": "lr_scheduler",
+        "max_seq_length": "max_length",  # TRL's SFTConfig before 0.20
+    },
+    "rl": {
+        "learning_rate": "lr",
+        "beta": "kl_coef",
+        "num_generations": "samples_per_prompt",
+        "max_completion_length": "max_new_tokens",
+        "num_iterations": "ppo_epochs",  # GRPOConfig: "iterations per batch" (mu), not our rl.iterations
+        "num_ppo_epochs": "ppo_epochs",  # TRL's PPOConfig
+        "epsilon": "clip_range",  # GRPOConfig
+        "cliprange": "clip_range",  # PPOConfig
+        "cliprange_value": "vf_clip_range",  # PPOConfig
+        "lr_scheduler_type": "lr_scheduler",
+    },
+}
+
+# TRL's names with no one-to-one key in a section: refused, with what to set instead.
+TRL_REFUSED: dict[str, dict[str, str]] = {
+    "rl": {
+        "per_device_train_batch_size": (
+            "TRL counts completions per process per micro-step; here rl.minibatch_size is the completions "
+            "per optimizer step over all processes (TRL: per_device_train_batch_size x "
+            "gradient_accumulation_steps x processes) and rl.micro_batch_size splits it to bound memory"
+        ),
+        "gradient_accumulation_steps": (
+            "set rl.minibatch_size (completions per optimizer step) and rl.micro_batch_size (completions "
+            "per forward/backward); their ratio is the accumulation"
+        ),
+        "num_train_epochs": (
+            "RL runs rl.iterations iterations of rl.prompts_per_iteration prompts each: for TRL's "
+            "num_train_epochs E on N training prompts set rl.iterations = E x N / rl.prompts_per_iteration "
+            "(TRL's num_iterations, passes over each batch, is rl.ppo_epochs)"
+        ),
+    },
+}
+
+
+# TRL names that are ours too (GRPOConfig's generation and PPO settings): only their place differs.
+TRL_SAME_NAME = ("temperature", "top_k", "top_p", "min_p", "max_prompt_length", "kl_coef", "vf_coef", "gamma", "lam")
+
+
+def _trl_targets(name: str) -> list[str]:
+    """Our dotted keys for a TRL name, in any section (for errors about a name in the wrong place)."""
+    targets = [f"{section}.{ours}" for section, table in TRL_ALIASES.items() for trl, ours in table.items() if trl == name]
+    if name in TRL_SAME_NAME:
+        targets.append(f"rl.{name}")
+    return targets
+
+
+def canonical_names(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `raw` with TRL's names in the sections renamed to ours (logged); giving a TRL name
+    and our name of the same setting is an error that names both."""
+    result = dict(raw)
+    for section, table in TRL_ALIASES.items():
+        values = result.get(section)
+        if not isinstance(values, dict) or not any(name in values for name in table):
+            continue
+        values = dict(values)
+        given: dict[str, str] = {}  # our key -> the name it was given under
+        for name in list(values):
+            ours = table.get(name)
+            if ours is None:
+                continue
+            for other in (ours, *(trl for trl, target in table.items() if target == ours and trl != name)):
+                if other in values:
+                    first, second = sorted((f"{section}.{name}", f"{section}.{other}"))
+                    raise ConfigError(
+                        f"'{first}' and '{second}' are the same setting ('{section}.{ours}'; TRL's "
+                        f"name is accepted as an alias): give it once"
+                    )
+            given[ours] = name
+            values[ours] = values.pop(name)
+        for ours, name in given.items():
+            logger.info("%s.%s is TRL's name: using %s.%s", section, name, section, ours)
+        result[section] = values
+    return result
+
+
 # --------------------------------------------------------------------------- overrides, errors
 
 
@@ -442,8 +579,12 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of `raw` with each `a.b.c=value` applied; keys are checked on validation."""
+    """Return a copy of `raw` with each `a.b.c=value` applied; keys are checked on validation.
+
+    A TRL name (`rl.beta=0.1`) sets our key (`rl.kl_coef`), so it overrides the file's value under
+    either name; giving both names of one setting in the same list is an error."""
     result = json.loads(json.dumps(raw))
+    spelled: dict[str, str] = {}  # our dotted key -> how this list spelled it
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected section.key=value")
@@ -451,6 +592,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         keys = [k for k in dotted.strip().split(".") if k]
         if not keys:
             raise ConfigError(f"--set {item!r}: empty key")
+        if len(keys) == 2 and keys[1] in TRL_ALIASES.get(keys[0], {}):
+            ours = TRL_ALIASES[keys[0]][keys[1]]
+            logger.info("%s.%s is TRL's name: using %s.%s", keys[0], keys[1], keys[0], ours)
+            keys = [keys[0], ours]
+        written, canonical = ".".join(k for k in dotted.strip().split(".") if k), ".".join(keys)
+        if spelled.setdefault(canonical, written) != written:
+            first, second = sorted((spelled[canonical], written))
+            raise ConfigError(
+                f"--set '{first}' and '{second}' are the same setting ('{canonical}'; TRL's name is "
+                "accepted as an alias): give it once"
+            )
         node = result
         for key in keys[:-1]:
             child = node.get(key)
@@ -473,18 +625,38 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _unknown_key_hint(loc: tuple[Any, ...]) -> str:
+    """What to say after "unknown key 'x.y'": TRL's names first, then the nearest valid key."""
+    name, parent = str(loc[-1]), ".".join(map(str, loc[:-1]))
+    section = parent if len(loc) == 2 else None
+    refused = TRL_REFUSED.get(section or "", {}).get(name)
+    if refused:
+        return f": TRL's name, with no one-to-one key here: {refused}"
+    targets = [t for t in _trl_targets(name) if t != f"{parent}.{name}"]
+    if targets:
+        where = " or ".join(f"'{t}'" for t in targets)
+        return f"; '{name}' is TRL's name, here it is {where}"
+    owner = _model_at(loc)
+    known = list(owner.model_fields) if owner else []
+    aliases = TRL_ALIASES.get(section or "", {})
+    close = difflib.get_close_matches(name, known + list(aliases), n=1, cutoff=0.5)
+    prefix = f"{parent}." if parent else ""
+    if close and close[0] in aliases:
+        return f"; did you mean '{prefix}{close[0]}' (TRL's name for '{prefix}{aliases[close[0]]}')?"
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f" (valid keys: {', '.join(known)})" if known else ""
+
+
 def _explain(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         dotted = ".".join(str(part) for part in loc)
-        if err["type"] == "extra_forbidden":
-            owner = _model_at(loc)
-            known = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
-            hint = f"; did you mean '{'.'.join(map(str, loc[:-1] + (close[0],)))}'?" if close else ""
-            valid = f" (valid keys: {', '.join(known)})" if known and not close else ""
-            lines.append(f"{source}: unknown key '{dotted}'{hint}{valid}")
+        if err["type"] == "trl_alias":
+            lines.append(f"{source}: {err['msg']}")
+        elif err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{dotted}'{_unknown_key_hint(loc)}")
         else:
             lines.append(f"{source}: {dotted or '<root>'}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

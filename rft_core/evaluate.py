@@ -19,7 +19,7 @@ from rft_core.config import RFTConfig
 from rft_core.generation import generate, row_seeds
 from rft_core.graders import grade_batch
 from rft_core.graders.numeric import extract_answer, parse_number
-from rft_core.models import decode, eos_ids, prompt_token_ids
+from rft_core.models import decode, end_of_response, prompt_token_ids
 from rft_core.training import item_records
 
 
@@ -41,15 +41,21 @@ def sample_completions(
     batch_size: int,
     temperature: float = 1.0,
     top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
     seed: int | None = None,
     keys: Sequence[int] | None = None,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[list[list[int]]]:
     """Completions [prompt][sample] -> token ids, in batches; greedy when `seed` is None.
 
     `keys` are stable ids of the prompts (default: their positions) so that a prompt's samples
-    depend on the prompt and the seed only.
+    depend on the prompt and the seed only. A completion ends on one of `stop_ids` (default:
+    `end_of_response` of the tokenizer and the model with the default model section).
     """
     keys = list(range(len(prompts))) if keys is None else list(keys)
+    if stop_ids is None:
+        stop_ids = end_of_response(tokenizer, None, model).stop_ids
     was_training = model.training
     model.eval()
     out: list[list[list[int]]] = []
@@ -65,12 +71,14 @@ def sample_completions(
         result = generate(
             model,
             [prompts[i] for i in chunk],
-            eos_token_ids=eos_ids(tokenizer, model),
+            eos_token_ids=stop_ids,
             pad_token_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens,
             num_samples=num_samples if seed is not None else 1,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
             seeds=seeds,
         )
         n = num_samples if seed is not None else 1
@@ -130,6 +138,7 @@ def evaluate(
     if limit is not None:
         frame = frame.iloc[:limit]
     prompts = prompt_token_ids(frame, tokenizer, cfg.model, cfg.rl.max_prompt_length)
+    stop_ids = end_of_response(tokenizer, cfg.model, model).stop_ids
     items = item_records(frame)
     indices = list(range(len(prompts)))
     rank, world = 0, 1
@@ -139,14 +148,15 @@ def evaluate(
 
     greedy = sample_completions(
         model, tokenizer, [prompts[i] for i in mine],
-        num_samples=1, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+        num_samples=1, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, stop_ids=stop_ids,
     )
     sampled: list[list[list[int]]] = [[] for _ in mine]
     if k > 0:
         sampled = sample_completions(
             model, tokenizer, [prompts[i] for i in mine],
             num_samples=k, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-            temperature=ev.temperature, seed=ev.seed, keys=mine,
+            temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p, min_p=ev.min_p,
+            seed=ev.seed, keys=mine, stop_ids=stop_ids,
         )
     local = [(i, g[0], s) for i, g, s in zip(mine, greedy, sampled, strict=True)]
     if world > 1:

@@ -4,6 +4,12 @@ Each completion is a pure function of (model, prompt, its own seed): noise comes
 hash of (seed, step, token id) and sampling is Gumbel-max. So a sample does not depend on which
 other prompts share its batch, how many processes split the batch, or whether the run was resumed.
 
+Truncated sampling (`Sampling`: top-k, then top-p, then min-p, as transformers' logits processors
+apply them) keeps a set of tokens at each step and samples from the tempered softmax renormalised over
+it; `kept_tokens` is that set, and the one definition that generation and the RL log-probs share
+(`rft_core.rl.rollout.score_tokens`). The set depends only on the row's own logits, so samples stay
+reproducible per row.
+
 Also: the prompt is prefilled once and its cache repeated for the `samples_per_prompt` copies, and
 finished rows leave the batch, so long prompts and uneven lengths cost little.
 """
@@ -11,8 +17,10 @@ finished rows leave the batch, so long prompts and uneven lengths cost little.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
@@ -47,6 +55,69 @@ def row_seeds(seed: int, keys: Sequence[int]) -> torch.Tensor:
     return _hash32((keys_t & _MASK32) ^ _hash32(torch.tensor(seed & _MASK32)))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is drawn: softmax(logits / temperature), truncated to the top `top_k` tokens
+    (0: off), then to the nucleus of mass `top_p` (1: off), then to the tokens at least `min_p` times
+    as probable as the most probable one (0: off), renormalised."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+    @classmethod
+    def of(cls, section: Any) -> Sampling:
+        """The sampling settings of a config section (rl, eval): its temperature, top_k, top_p, min_p."""
+        return cls(section.temperature, section.top_k, section.top_p, section.min_p)
+
+    @property
+    def truncates(self) -> bool:
+        """Whether any filter is on (otherwise every token stays possible)."""
+        return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
+
+
+@torch.no_grad()
+def kept_tokens(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:
+    """The tokens a step may sample: a bool mask shaped like `scores` (logits / temperature, last
+    dimension the vocabulary), or None when no filter is on.
+
+    Each filter looks at what the previous ones kept, renormalised: top-k keeps the tokens scoring at
+    least the k-th best; top-p keeps the most probable tokens until their mass reaches `top_p` (a
+    token is kept when the tokens strictly more probable than it hold less than `top_p`, so ties are
+    kept or dropped together and the order of equal scores never matters); min-p keeps the tokens
+    with probability >= min_p x the largest. The most probable token is always kept.
+    """
+    if not sampling.truncates:
+        return None
+    scores = scores.float()
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]
+        keep &= scores >= kth
+    if sampling.top_p < 1.0:
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+        sorted_probs = probs.sort(dim=-1, descending=True, stable=True).values
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above
+        # The least probable token of the nucleus; every token at least as probable is kept.
+        smallest = sorted_probs.masked_fill(mass_before >= sampling.top_p, float("inf")).amin(-1, keepdim=True)
+        keep &= probs >= smallest
+    if sampling.min_p > 0.0:
+        best = scores.masked_fill(~keep, float("-inf")).amax(-1, keepdim=True)
+        keep &= scores >= best + math.log(sampling.min_p)  # p >= min_p * p_max, in log space
+    return keep
+
+
 @dataclass
 class Generated:
     """Completions of one call: token ids per row (EOS kept when the row stopped on it)."""
@@ -66,13 +137,17 @@ def generate(
     num_samples: int = 1,
     temperature: float = 1.0,
     top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
     seeds: torch.Tensor | None = None,
 ) -> Generated:
     """Sample `num_samples` completions for each prompt (greedy when `seeds` is None).
 
     Rows come out prompt-major: prompt 0's samples, then prompt 1's. `seeds` has one seed per
-    output row (len(prompts) * num_samples).
+    output row (len(prompts) * num_samples). Sampling draws from softmax(logits / temperature)
+    over `kept_tokens` (top_k, top_p, min_p: see `Sampling`).
     """
+    sampling = Sampling(temperature, top_k, top_p, min_p)
     device = next(model.parameters()).device
     n_prompts = len(prompts)
     n_rows = n_prompts * num_samples
@@ -117,9 +192,9 @@ def generate(
             tokens = logits.argmax(-1)
         else:
             scores = logits / temperature
-            if top_k and top_k < scores.shape[-1]:
-                kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
+            keep = kept_tokens(scores, sampling)
+            if keep is not None:
+                scores = scores.masked_fill(~keep, float("-inf"))
             noise = gumbel_noise(row_seed[active], step, scores.shape[-1], device)
             tokens = (scores.double() + noise).argmax(-1)
         finished = torch.isin(tokens, eos)

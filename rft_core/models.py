@@ -2,13 +2,15 @@
 
 Text <-> tokens lives here too, because it depends on the tokenizer (and the model's generation
 config): prompts are rendered with a chat template when the tokenizer has one (and the config
-allows it), else with `model.prompt_template`; a response ends on one of `eos_ids`, which SFT
-targets (`encode_completion`), rollouts and evaluation share.
+allows it), else with `model.prompt_template`. Where a response ends has one definition,
+`end_of_response`: SFT targets end with its `token_id`, and rollouts, evaluation and the served
+model stop on any of its `stop_ids`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +82,12 @@ def load_model(
         dtype=dtype,
     )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # Non-reentrant (gradients reach LoRA adapters behind frozen embeddings); transformers 5
+        # names it activation checkpointing (the old name warns) and makes that the default.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable()
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.to(device)
 
@@ -171,22 +178,101 @@ def prompt_token_ids(
     return [row_prompt_ids(tokenizer, cfg, row)[-max_length:] for _, row in frame.iterrows()]
 
 
-def eos_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None) -> list[int]:
-    """Every token id that ends a response (chat models often have several): the tokenizer's EOS,
-    plus the model's generation config EOS list when a model is given."""
-    ids = {tokenizer.eos_token_id}
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(config_eos, int):
-        ids.add(config_eos)
-    elif isinstance(config_eos, list):
-        ids.update(config_eos)
-    return sorted(i for i in ids if i is not None)
+# A stand-in for an assistant message's content: no whitespace (templates may trim), no markup.
+_PROBE = "RFTRESPONSEPROBE"
 
 
-def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a target completion, ending with EOS so the model learns to stop."""
+def chat_turn_end(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token a chat template writes right after an assistant message's content: `<|im_end|>`
+    (Qwen, SmolLM), `<|eot_id|>` (Llama 3), `<end_of_turn>` (Gemma).
+
+    Read off the template itself: a user turn and a one-message assistant turn are rendered, and
+    the first special (or added) token of the text after the assistant's content is the turn end.
+    None when the template writes no such token there (e.g. a plain `role: content` template) or
+    cannot render that conversation.
+    """
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template may reject the probe conversation: no turn end is read then
+        return None
+    if not isinstance(text, str) or _PROBE not in text:
+        return None
+    after = text[text.rindex(_PROBE) + len(_PROBE):]
+    marked = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for token_id in tokenizer(after, add_special_tokens=False)["input_ids"]:
+        if token_id in marked:
+            return token_id
+    return None
+
+
+def generation_eos_ids(source: Any) -> list[int]:
+    """The `eos_token_id` (int or list) of a generation config: of a model (`.generation_config`),
+    or of a model directory / hub id (its generation_config.json, else its config.json)."""
+    if source is None:
+        return []
+    if isinstance(source, str | Path):
+        from transformers import AutoConfig, GenerationConfig
+
+        try:
+            config: Any = GenerationConfig.from_pretrained(str(source))
+        except OSError:  # no generation_config.json: transformers derives one from config.json
+            try:
+                config = AutoConfig.from_pretrained(str(source))
+            except (OSError, ValueError):
+                return []
+    else:
+        config = getattr(source, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(i) for i in ([eos] if isinstance(eos, int) else eos)]
+
+
+@dataclass(frozen=True)
+class ResponseEnd:
+    """Where a response ends. SFT targets end with `token_id`; generation (rollouts, evaluation,
+    the served model) stops on any of `stop_ids`."""
+
+    token_id: int
+    stop_ids: tuple[int, ...]
+
+
+def end_of_response(
+    tokenizer: PreTrainedTokenizerBase, cfg: ModelConfig | None = None, generation_source: Any = None
+) -> ResponseEnd:
+    """The one definition of the end of a response.
+
+    With a chat template (`uses_chat_template`): the template's turn end (`chat_turn_end`, e.g.
+    Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`), so a model fine-tuned here ends its turn as the
+    instruct model it started from does, whatever the tokenizer calls EOS (Qwen2.5 base ships EOS
+    `<|endoftext|>` and the same template). Without one (plain `prompt_template`), or when the
+    template writes no turn-end token: the tokenizer's EOS.
+
+    Stop ids: that token, the tokenizer's EOS, and the generation config's `eos_token_id` list of
+    `generation_source` (a model, or a model directory / hub id): whatever the model was shipped
+    to stop on ends a response too.
+    """
+    cfg = cfg or ModelConfig()
+    token_id = chat_turn_end(tokenizer) if uses_chat_template(tokenizer, cfg) else None
+    if token_id is None:
+        token_id = tokenizer.eos_token_id
+    if token_id is None:
+        raise ValueError(
+            "cannot tell where a response ends: the tokenizer has no EOS token and no chat template "
+            "that ends an assistant turn with a special token"
+        )
+    stops = {token_id, *generation_eos_ids(generation_source)}
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    return ResponseEnd(token_id, tuple(sorted(stops)))
+
+
+def encode_completion(tokenizer: PreTrainedTokenizerBase, text: str, end_token_id: int | None = None) -> list[int]:
+    """Token ids of a target completion, ending with `end_token_id` (`end_of_response(...).token_id`;
+    default the tokenizer's EOS, as documents end) so the model learns to stop."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+    return ids + [tokenizer.eos_token_id if end_token_id is None else end_token_id]
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:

@@ -4,10 +4,12 @@ Loss on the solution tokens only (prompt masked), normalised by the number of ta
 whole optimizer step across all processes, so 1 process with batch 8 and 2 processes with batch 4
 compute the same update (`training.Processes`). AdamW with warm-up and decay, gradient clipping,
 periodic validation, checkpoints, resume, and the best-validation checkpoint kept. Runs on
-`accelerate` (CPU, one GPU, or `accelerate launch` over several processes). Shares its set-up and
-bookkeeping with RL through `rft_core.training`.
+`accelerate` (CPU, one GPU, or `accelerate launch` over several processes, data parallel or FSDP),
+in float32 or mixed precision (`model.dtype`). Shares its set-up and bookkeeping with RL through
+`rft_core.training`.
 
-The same loop pretrains the tiny model on generated documents (`train_language_model`).
+The same loop pretrains the tiny model on generated documents (`train_language_model`), always in
+this one process.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from rft_core.checkpoint import (
     hash_of,
-    load_optimizer_states,
     load_state,
+    load_training_state,
     resumable_checkpoint,
     run_settings,
     save_checkpoint,
@@ -38,22 +40,19 @@ from rft_core.config import RFTConfig, SFTConfig
 from rft_core.models import (
     add_lora,
     encode_completion,
+    end_of_response,
     load_model,
     load_tokenizer,
-    merge_lora,
     pick_device,
     pick_dtype,
     row_prompt_ids,
-    save_model,
 )
 from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
-    load_best_weights,
     make_accelerator,
-    optimizer_step,
-    save_best_weights,
+    save_weights,
     selection_key,
     stage_grader,
     step_positions,
@@ -81,12 +80,13 @@ def solution_target(solution: str, reference: str) -> str:
 def sft_examples(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase, cfg: RFTConfig) -> list[Example]:
     """Examples from the rows that carry a worked solution; prompts are cut from the left to fit."""
     examples = []
+    end = end_of_response(tokenizer, cfg.model).token_id
     for _, row in frame.iterrows():
         solution = row.get("solution")
         if not isinstance(solution, str) or not solution.strip():
             continue
         prompt = row_prompt_ids(tokenizer, cfg.model, row)
-        completion = encode_completion(tokenizer, solution_target(solution, str(row["reference"])))
+        completion = encode_completion(tokenizer, solution_target(solution, str(row["reference"])), end)
         completion = completion[: cfg.sft.max_length - 1]
         prompt = prompt[-(cfg.sft.max_length - len(completion)):]
         examples.append(Example(prompt, completion))
@@ -154,13 +154,14 @@ def train_examples(
     examples: Sequence[Example],
     settings: SFTConfig,
     out_dir: str | Path,
-    accelerator: Accelerator,
+    processes: Processes,
     log: LogFn | None = None,
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     identity: dict[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
-    """The supervised loop. Returns the trained model (best checkpoint's weights when
-    `settings.keep_best` and validation ran), the metric history and the final state.
+    """The supervised loop. Returns the trained model as `processes.prepare` returned it (best
+    checkpoint's weights when `settings.keep_best` and validation ran), the metric history and the
+    final state.
 
     `make_model(checkpoint_model_dir or None)` builds the trainable model: from the base, or from a
     checkpoint's `model/` directory when resuming. A checkpoint left in `out_dir` by a run with
@@ -169,8 +170,7 @@ def train_examples(
     """
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
-    world = accelerator.num_processes
-    rank = accelerator.process_index
+    world, rank = processes.world, processes.rank
     micro = settings.batch_size
     global_batch = micro * settings.grad_accum * world
     n = len(examples)
@@ -183,7 +183,7 @@ def train_examples(
         examples=hash_of([(ex.prompt_ids, ex.completion_ids) for ex in examples]),
     )
     resume_from = resumable_checkpoint(ckpt_root, run_identity, "sft.")
-    model = make_model(resume_from / "model" if resume_from else None)
+    model = processes.prepare(make_model(resume_from / "model" if resume_from else None))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule_name = {"constant": "constant_with_warmup"}.get(settings.lr_scheduler, settings.lr_scheduler)
@@ -194,30 +194,29 @@ def train_examples(
     state: dict[str, Any] = {"history": [], "best": None, "best_step": None}
     start_step = 0
     if resume_from is not None:
-        load_optimizer_states(resume_from, optimizer, scheduler)
+        processes.load_optimizer_state(model, optimizer, load_training_state(resume_from, scheduler))
         state = load_state(resume_from)
         start_step = state.pop("step")
         logger.info("resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
     state["settings"] = run_identity
-    model, optimizer = accelerator.prepare(model, optimizer)
-    processes = Processes(accelerator)
-    device = accelerator.device
+    device = processes.device
     pad_id = tokenizer.pad_token_id
     best_dir = out_dir / "best"
 
     def run_eval(step: int) -> None:
         if evaluate_fn is None:
             return
-        metrics = evaluate_fn(accelerator.unwrap_model(model))
+        with processes.gathered(model), processes.autocast():
+            metrics = evaluate_fn(processes.unwrap(model))
         entry = {"step": step, **metrics}
         state["history"].append(entry)
-        if log and accelerator.is_main_process:
+        if log and processes.is_main:
             log(metrics, step)
         key = selection_key(metrics)
         if settings.keep_best and (state["best"] is None or key > tuple(state["best"])):
             state["best"], state["best_step"] = list(key), step
-            save_best_weights(accelerator.unwrap_model(model), best_dir, accelerator)
-        accelerator.wait_for_everyone()
+            save_weights(processes, model, processes.unwrap(model), best_dir)
+        processes.wait()
 
     if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
         run_eval(0)
@@ -237,21 +236,21 @@ def train_examples(
         loss_total = 0.0
         for part in processes.accumulate(model, mine):
             batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-            with accelerator.autocast():
+            with processes.autocast():
                 nll, _ = token_nll_sum(model, batch)
             processes.backward(nll / target_tokens)  # the token-mean over the whole step
             loss_total += float(nll.detach())
             tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = optimizer_step(accelerator, params, optimizer, scheduler, settings.max_grad_norm)
+        grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
         done = step + 1
         step_loss = processes.total(loss_total) / target_tokens  # a collective: every rank
-        if log and accelerator.is_main_process:
+        if log and processes.is_main:
             elapsed = time.perf_counter() - started
             log(
                 {
                     "loss": step_loss,
                     "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
                 },
                 done,
@@ -264,16 +263,17 @@ def train_examples(
         if last:
             run_eval(done)
         if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
-            if accelerator.is_main_process:
+            model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
+            optimizer_state = processes.optimizer_state(model, optimizer)
+            if processes.is_main:
                 save_checkpoint(
-                    ckpt_root, done, model=accelerator.unwrap_model(model), tokenizer=tokenizer,
-                    optimizer=optimizer, scheduler=scheduler, state=state,
+                    ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
+                    optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
                 )
-            accelerator.wait_for_everyone()
+            processes.wait()
 
-    model = accelerator.unwrap_model(model)
     if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
-        model = load_best_weights(model, best_dir)
+        processes.load_weights(model, processes.unwrap(model), best_dir)
     return model, state["history"], state
 
 
@@ -294,30 +294,31 @@ def run_sft(
     """Warm-up SFT from `base_model` on `train` items with solutions; validates on `val`.
 
     The result directory (`out_dir/model`) holds a full model: a LoRA warm-up is merged into the
-    weights, so that the RL stage's adapters-off reference is exactly this model.
+    weights, so that the RL stage's adapters-off reference is exactly this model. Trained weights
+    are float32 (mixed precision computes in `model.dtype`; see `training.Processes`).
     """
     from rft_core.evaluate import validation_metrics
 
     out_dir = Path(out_dir)
     device = pick_device(cfg.model.device)
-    dtype = pick_dtype(cfg.model.dtype, device)
-    accelerator = accelerator or make_accelerator(device, dtype)
+    precision = pick_dtype(cfg.model.dtype, device)
+    accelerator = accelerator or make_accelerator(device)
+    processes = Processes(accelerator, precision)
     tokenizer = load_tokenizer(base_model, cfg.model)
     examples = sft_examples(train, tokenizer, cfg)
     val_examples = sft_examples(val, tokenizer, cfg)
     logger.info("SFT on %d items with solutions (of %d)", len(examples), len(train))
 
     def make_model(checkpoint: Path | None) -> torch.nn.Module:
-        model = load_model(base_model, cfg.model, device=accelerator.device, dtype=dtype)
         if cfg.model.lora.enabled:
+            # The frozen base may be stored in the compute precision; peft keeps adapters in float32.
+            model = load_model(base_model, cfg.model, device=processes.device, dtype=precision)
             if checkpoint is not None:
                 from peft import PeftModel
 
                 return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
             return add_lora(model, cfg.model)
-        if checkpoint is not None:
-            return load_model(checkpoint, cfg.model, device=accelerator.device, dtype=dtype)
-        return model
+        return load_model(checkpoint or base_model, cfg.model, device=processes.device, dtype=torch.float32)
 
     with stage_grader(cfg, grader) as grader:
 
@@ -329,7 +330,7 @@ def run_sft(
 
         model, history, state = train_examples(
             make_model=make_model, tokenizer=tokenizer, examples=examples, settings=cfg.sft,
-            out_dir=out_dir, accelerator=accelerator, log=log, evaluate_fn=evaluate_fn,
+            out_dir=out_dir, processes=processes, log=log, evaluate_fn=evaluate_fn,
             identity={
                 "start_model": str(base_model),
                 "lora": cfg.model.lora.model_dump(mode="json"),
@@ -337,10 +338,10 @@ def run_sft(
         )
     final = _final_metrics(history, state)
     model_dir = out_dir / "model"
-    if accelerator.is_main_process:
-        save_model(merge_lora(model), tokenizer, model_dir)
+    save_weights(processes, model, processes.unwrap(model), model_dir, tokenizer=tokenizer, merge=True)
+    if processes.is_main:
         (out_dir / "result.json").write_text(json.dumps({"metrics": final, "history": history}, indent=1))
-    accelerator.wait_for_everyone()
+    processes.wait()
     return StageResult(str(model_dir), final, history)
 
 
@@ -363,9 +364,11 @@ def train_language_model(
     *,
     log: LogFn | None = None,
 ) -> torch.nn.Module:
-    """Plain causal-LM training on `documents` (the tiny model's pretraining), in one process."""
+    """Plain causal-LM training on `documents` (the tiny model's pretraining), in this process
+    alone whatever the environment: under `accelerate launch` the main process runs it while the
+    others wait (`Processes.local`)."""
     device = next(model.parameters()).device
-    accelerator = make_accelerator(device, next(model.parameters()).dtype)
+    processes = Processes.local(device)
     examples = document_examples(documents, tokenizer, settings.max_length)
 
     def make_model(checkpoint: Path | None) -> torch.nn.Module:
@@ -375,6 +378,6 @@ def train_language_model(
 
     trained, _, _ = train_examples(
         make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
-        out_dir=out_dir, accelerator=accelerator, log=log,
+        out_dir=out_dir, processes=processes, log=log,
     )
     return trained

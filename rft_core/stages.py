@@ -329,7 +329,9 @@ def sft_stage(cfg: RFTConfig, split: SplitRecord, track: Tracking | None = None)
         if run_id:
             _log_metrics(track, run_id, "sft", {f"final_{k}": v for k, v in result.metrics.items() if k != "step"})
             if cfg.tracking.log_models:
-                record.model_uri = tracking.log_model(run_id, result.model_dir, tracking_uri=track.tracking_uri)
+                record.model_uri = tracking.log_model(
+                    run_id, result.model_dir, serving=tracking.serving_settings(cfg), tracking_uri=track.tracking_uri
+                )
         record.seconds = time.perf_counter() - started
     return record
 
@@ -348,7 +350,9 @@ def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracki
         result = run_rl(cfg, train, val, sft.model_dir, work, log=track.logger(run_id, "rl"))
         record = ModelRecord(key, "rl", result.model_dir, result.metrics, run_id=run_id)
         if run_id and cfg.tracking.log_models:
-            record.model_uri = tracking.log_model(run_id, result.model_dir, tracking_uri=track.tracking_uri)
+            record.model_uri = tracking.log_model(
+                run_id, result.model_dir, serving=tracking.serving_settings(cfg), tracking_uri=track.tracking_uri
+            )
         record.seconds = time.perf_counter() - started
     return record
 

@@ -76,3 +76,94 @@ def test_rft_run_rejects_a_bad_override_without_a_traceback():
     assert result.exit_code == 2
     assert "did you mean 'rl.kl_coef'" in result.output
     assert "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- TRL's names
+
+TRL_AND_OURS = [
+    ("sft.learning_rate=3e-4", "sft.lr=3e-4"),
+    ("sft.per_device_train_batch_size=4", "sft.batch_size=4"),
+    ("sft.gradient_accumulation_steps=3", "sft.grad_accum=3"),
+    ("sft.num_train_epochs=2", "sft.epochs=2"),
+    ("rl.learning_rate=2e-5", "rl.lr=2e-5"),
+    ("rl.beta=0.01", "rl.kl_coef=0.01"),
+    ("rl.num_generations=8", "rl.samples_per_prompt=8"),
+    ("rl.max_completion_length=96", "rl.max_new_tokens=96"),
+    ("rl.num_iterations=3", "rl.ppo_epochs=3"),
+    ("rl.num_ppo_epochs=3", "rl.ppo_epochs=3"),
+    ("rl.epsilon=0.1", "rl.clip_range=0.1"),
+]
+
+
+@pytest.mark.parametrize(("trl", "ours"), TRL_AND_OURS)
+def test_a_trl_name_sets_our_key_and_says_so(trl, ours, caplog):
+    with caplog.at_level("INFO", logger="rft.config"):
+        cfg = RFTConfig.load(None, [trl])
+    assert cfg == RFTConfig.load(None, [ours])
+    assert cfg.digest() == RFTConfig.load(None, [ours]).digest()
+    name, key = trl.split("=")[0], ours.split("=")[0]
+    assert f"{name} is TRL's name: using {key}" in caplog.text
+
+
+def test_trl_names_in_a_yaml_file_give_the_same_config_and_digest(tmp_path, caplog):
+    trl = tmp_path / "trl.yaml"
+    trl.write_text("sft:\n  learning_rate: 3.0e-4\n  gradient_accumulation_steps: 2\n"
+                   "rl:\n  beta: 0.01\n  num_generations: 8\n  max_completion_length: 64\n"
+                   "  temperature: 0.7\n  top_p: 0.9\n")
+    ours = tmp_path / "ours.yaml"
+    ours.write_text("sft:\n  lr: 3.0e-4\n  grad_accum: 2\n"
+                    "rl:\n  kl_coef: 0.01\n  samples_per_prompt: 8\n  max_new_tokens: 64\n"
+                    "  temperature: 0.7\n  top_p: 0.9\n")
+    with caplog.at_level("INFO", logger="rft.config"):
+        cfg = RFTConfig.from_yaml(trl)
+    assert cfg == RFTConfig.from_yaml(ours)
+    assert cfg.digest() == RFTConfig.from_yaml(ours).digest()
+    assert "rl.beta is TRL's name: using rl.kl_coef" in caplog.text
+    assert "beta" not in cfg.to_yaml() and "kl_coef: 0.01" in cfg.to_yaml()  # stored under our names
+    # --set wins over the file under either name; a dict (a flow parameter) is accepted too.
+    assert RFTConfig.from_yaml(trl, ["rl.kl_coef=0.2"]).rl.kl_coef == 0.2
+    assert RFTConfig.from_yaml(ours, ["rl.beta=0.2"]).rl.kl_coef == 0.2
+    assert RFTConfig.model_validate({"rl": {"beta": 0.2}}).rl.kl_coef == 0.2
+
+
+def test_giving_a_trl_name_and_ours_is_an_error_naming_both(tmp_path):
+    with pytest.raises(ConfigError, match=r"'rl.beta' and 'rl.kl_coef' are the same setting"):
+        RFTConfig.load(None, ["rl.beta=0.1", "rl.kl_coef=0.2"])
+    both = tmp_path / "both.yaml"
+    both.write_text("sft:\n  lr: 1.0e-3\n  learning_rate: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"both.yaml: 'sft.learning_rate' and 'sft.lr' are the same setting"):
+        RFTConfig.from_yaml(both)
+    with pytest.raises(ConfigError, match=r"'rl.num_iterations' and 'rl.num_ppo_epochs' are the same setting"):
+        RFTConfig.from_dict({"rl": {"num_iterations": 2, "num_ppo_epochs": 3}})
+
+
+def test_trl_names_without_a_one_to_one_key_are_refused_with_what_to_set():
+    with pytest.raises(ConfigError, match=r"'rl.per_device_train_batch_size': TRL's name.*rl.minibatch_size"):
+        RFTConfig.load(None, ["rl.per_device_train_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"'rl.gradient_accumulation_steps': TRL's name.*rl.micro_batch_size"):
+        RFTConfig.load(None, ["rl.gradient_accumulation_steps=4"])
+    with pytest.raises(ConfigError, match=r"'rl.num_train_epochs': TRL's name.*rl.iterations"):
+        RFTConfig.load(None, ["rl.num_train_epochs=1"])
+
+
+def test_did_you_mean_knows_trl_names_and_where_they_live():
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate'; 'learning_rate' is TRL's name, here it is 'sft.lr' or 'rl.lr'"):
+        RFTConfig.load(None, ["learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'sft.beta'; 'beta' is TRL's name, here it is 'rl.kl_coef'"):
+        RFTConfig.load(None, ["sft.beta=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'top_p'; 'top_p' is TRL's name, here it is 'rl.top_p'"):
+        RFTConfig.load(None, ["top_p=0.9"])
+    with pytest.raises(ConfigError, match=r"did you mean 'rl.num_generations' \(TRL's name for 'rl.samples_per_prompt'\)"):
+        RFTConfig.load(None, ["rl.num_generation=4"])
+    result = CliRunner().invoke(app, ["run", "--set", "rl.learning_rat=1e-5"])
+    assert result.exit_code == 2 and "did you mean 'rl.learning_rate'" in result.output
+
+
+def test_sampling_filters_default_off_and_are_range_checked():
+    cfg = RFTConfig()
+    assert (cfg.rl.top_k, cfg.rl.top_p, cfg.rl.min_p) == (0, 1.0, 0.0)
+    assert (cfg.eval.top_k, cfg.eval.top_p, cfg.eval.min_p) == (0, 1.0, 0.0)
+    assert RFTConfig.load(None, ["rl.top_p=0.95", "eval.min_p=0.05"]).rl.top_p == 0.95
+    for bad in ("rl.top_p=0", "rl.top_p=1.5", "rl.min_p=-0.1", "eval.min_p=2", "eval.top_k=-1"):
+        with pytest.raises(ConfigError):
+            RFTConfig.load(None, [bad])

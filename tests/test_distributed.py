@@ -1,4 +1,5 @@
-"""SFT and one PPO iteration on 2 CPU processes (gloo, via `accelerate launch`) equal the 1-process run."""
+"""SFT and one PPO iteration on 2 CPU processes (gloo, via `accelerate launch`, data parallel) equal
+the 1-process run; the 2-process launch builds the tiny model from an empty cache."""
 
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ def test_two_processes_compute_the_same_sft_and_ppo_updates_as_one(tmp_path):
                                    "sft": {**CONFIG["sft"], "batch_size": 8}}))
     two.write_text(yaml.safe_dump({**CONFIG, "output_dir": str(tmp_path / "out")}))
 
-    sft1 = rft_train(one, "sft", "--out", str(tmp_path / "sft1"))
+    # 2 processes first, from an empty cache: the main process pretrains the tiny model in a loop of
+    # its own while the other waits (the pretraining's loop once joined the group and hung).
     sft2 = rft_train(two, "sft", "--out", str(tmp_path / "sft2"), processes=2)
+    sft1 = rft_train(one, "sft", "--out", str(tmp_path / "sft1"))
     base = next((tmp_path / "out" / "cache").glob("tiny-*"))
     moved = max_difference(Path(sft1["model_dir"]), base)
     assert moved > 1e-4

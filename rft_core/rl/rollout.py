@@ -2,6 +2,11 @@
 
 A batch is laid out as [left padding][prompt] (P columns) then [response][right padding] (R columns),
 so every response starts at column P and per-token tensors are [rows, R].
+
+Log-probabilities under truncated sampling (rl.top_k, rl.top_p, rl.min_p): every log-probability the
+RL update uses, the rollout's (old), the update's (new) and the reference's, is that of the
+distribution the sampler draws from: softmax(logits / T) renormalised over the step's kept tokens
+(`generation.kept_tokens`), with the sampled token always counted as kept. See `score_tokens`.
 """
 
 from __future__ import annotations
@@ -12,14 +17,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rft_core.generation import CACHE_ARG, generate
+from rft_core.generation import CACHE_ARG, Sampling, generate, kept_tokens
 
 
 class PolicyWithValue(nn.Module):
     """The policy LM and (PPO) a scalar value head on its final hidden state: a shared trunk.
 
-    The head starts at zero, so the first values are 0 and the critic learns from the returns.
-    Wrapping both in one module lets data-parallel training synchronise both.
+    The head starts at zero, so the first values are 0 and the critic learns from the returns. It
+    is trained, so its weights are float32 whatever the policy's storage (mixed precision computes
+    it under the same autocast as the policy). Wrapping both in one module lets data-parallel
+    training synchronise both, and FSDP shard both.
     """
 
     def __init__(self, policy: nn.Module, with_value_head: bool):
@@ -28,8 +35,7 @@ class PolicyWithValue(nn.Module):
         self.value_head: nn.Linear | None = None
         if with_value_head:
             hidden = policy.config.hidden_size
-            dtype = next(policy.parameters()).dtype
-            self.value_head = nn.Linear(hidden, 1, dtype=dtype)
+            self.value_head = nn.Linear(hidden, 1, dtype=torch.float32)
             nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
@@ -38,7 +44,7 @@ class PolicyWithValue(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         response_length: int,
-        temperature: float,
+        temperature: float | Sampling,
         group_size: int = 1,
         with_entropy: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -48,18 +54,29 @@ class PolicyWithValue(nn.Module):
         )
 
 
+def _sampling(sampling: Sampling | float) -> Sampling:
+    return sampling if isinstance(sampling, Sampling) else Sampling(temperature=float(sampling))
+
+
 def _token_stats(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = True
+    logits: torch.Tensor, targets: torch.Tensor, sampling: Sampling | float, with_entropy: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of `targets` under softmax(logits / T), and the entropy (no gradient)."""
-    logits = logits.float() / temperature
+    """Log-probabilities of `targets` under the sampling distribution (softmax(logits / T) over the
+    kept tokens, `targets` always kept), and its entropy (no gradient). A float is a temperature."""
+    sampling = _sampling(sampling)
+    logits = logits.float() / sampling.temperature
+    keep = kept_tokens(logits, sampling)
+    if keep is not None:
+        keep.scatter_(-1, targets.unsqueeze(-1), True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     log_norm = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
     if not with_entropy:
         return logprobs, None
     with torch.no_grad():
         probs = torch.softmax(logits, dim=-1)
-        entropy = log_norm - (probs * logits).sum(-1)
+        weighted = probs * logits if keep is None else torch.where(keep, probs * logits, 0.0)
+        entropy = log_norm - weighted.sum(-1)
     return logprobs, entropy
 
 
@@ -68,13 +85,31 @@ def score_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_length: int,
-    temperature: float = 1.0,
+    sampling: Sampling | float = 1.0,
     value_head: nn.Module | None = None,
     group_size: int = 1,
     with_entropy: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Log-probabilities of the response tokens (at the sampling temperature), values, entropy
+    """Log-probabilities of the response tokens under the sampling distribution, values, entropy
     (None without `with_entropy`: the update needs none, and it costs a softmax over the vocabulary).
+
+    `sampling` is the rollout's `Sampling` (a float: a temperature, nothing truncated). With top_k,
+    top_p or min_p on, a token's log-probability is that of softmax(logits / T) renormalised over
+    the tokens this model's logits keep at that step (`kept_tokens`), the scored token always
+    counted in. So the rollout's log-probabilities (old) are those of the distribution each token
+    was drawn from, the update recomputes the same numbers at its first step (ratio 1), and a policy
+    that moves is scored as the truncated sampler it now is; the reference is scored the same way,
+    so the KL compares the two samplers and is 0 while the policy equals the reference. Forcing the
+    scored token in keeps every log-probability finite: a token the moved policy would no longer
+    keep (or the generation pass kept at a boundary the scoring pass rounds the other way).
+
+    The alternatives, and why not: TRL's GRPOTrainer and verl score old and new log-probs over the
+    full vocabulary at temperature T whatever top_p/top_k/min_p sampled (ratio right, but it is the
+    ratio of untruncated policies while the behaviour policy is truncated, and the KL then charges
+    -log(kept mass) per token even for an unchanged policy: a length penalty). DeepSeek-V3.2's "keep
+    sampling mask" (also NeMo-RL, prime-rl's sampling replay) stores each step's kept set from
+    sampling and renormalises the new policy over it; it agrees with this at the first step (same
+    gradient there) but needs a vocabulary-sized mask per token, which we do not store.
 
     Only the last R+1 positions' logits are computed (`logits_to_keep`): long prompts cost no
     vocabulary-sized logits. With `group_size` > 1, rows come in groups of that many samples of
@@ -83,7 +118,7 @@ def score_tokens(
     """
     if group_size > 1:
         return _score_shared_prompt(
-            model, input_ids, attention_mask, response_length, temperature, value_head, group_size, with_entropy
+            model, input_ids, attention_mask, response_length, sampling, value_head, group_size, with_entropy
         )
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
@@ -94,7 +129,7 @@ def score_tokens(
         logits_to_keep=response_length + 1,
         use_cache=False,
     )
-    logprobs, entropy = _token_stats(out.logits[:, :-1], input_ids[:, -response_length:], temperature, with_entropy)
+    logprobs, entropy = _token_stats(out.logits[:, :-1], input_ids[:, -response_length:], sampling, with_entropy)
     values = None
     if value_head is not None:
         hidden = out.hidden_states[-1][:, -response_length - 1 : -1]
@@ -107,7 +142,7 @@ def _score_shared_prompt(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_length: int,
-    temperature: float,
+    sampling: Sampling | float,
     value_head: nn.Module | None,
     group_size: int,
     with_entropy: bool = True,
@@ -145,7 +180,7 @@ def _score_shared_prompt(
         logits.append(tail.logits)
         if want_hidden:
             hidden.append(tail.hidden_states[-1])
-    logprobs, entropy = _token_stats(torch.cat(logits, dim=1), input_ids[:, width:], temperature, with_entropy)
+    logprobs, entropy = _token_stats(torch.cat(logits, dim=1), input_ids[:, width:], sampling, with_entropy)
     values = value_head(torch.cat(hidden, dim=1)).squeeze(-1).float() if want_hidden else None
     return logprobs, values, entropy
 
@@ -217,6 +252,8 @@ def sample_rollout(
     temperature: float,
     top_k: int,
     batch_size: int,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
 ) -> tuple[list[list[int]], list[int], list[list[int]], list[bool]]:
     """Generate `samples_per_prompt` completions per prompt, in generation batches.
 
@@ -236,6 +273,8 @@ def sample_rollout(
             num_samples=k,
             temperature=temperature,
             top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
             seeds=seeds[start * k : (start + len(chunk)) * k],
         )
         for j, i in enumerate(chunk):

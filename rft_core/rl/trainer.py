@@ -6,6 +6,11 @@ weights with adapters off (exactly the warm-up model: no second copy in memory);
 fine-tuning, a frozen copy is the reference. Prompt order and every sample are functions of
 (seed, iteration), so resuming from a checkpoint continues exactly where the run stopped, and the
 same batch split over several processes computes the same update (`training.Processes`).
+
+No dropout anywhere: sampling, scoring and updates see one policy. The model is in evaluation
+mode except inside the update, where training mode turns gradient checkpointing on (dropout is
+disabled in the modules themselves, so both modes compute the same function). Sampling, scoring
+(policy, critic, reference), updates and validation run under the stage's precision alike.
 """
 
 from __future__ import annotations
@@ -23,27 +28,26 @@ from accelerate import Accelerator
 
 from rft_core.checkpoint import (
     hash_of,
-    load_optimizer_states,
+    load_extra,
     load_state,
+    load_training_state,
     resumable_checkpoint,
     run_settings,
     save_checkpoint,
 )
 from rft_core.config import RFTConfig
 from rft_core.evaluate import validation_metrics
-from rft_core.generation import row_seeds
+from rft_core.generation import Sampling, row_seeds
 from rft_core.graders import grade_batch
 from rft_core.models import (
     add_lora,
     decode,
-    eos_ids,
+    end_of_response,
     load_model,
     load_tokenizer,
-    merge_lora,
     pick_device,
     pick_dtype,
     prompt_token_ids,
-    save_model,
 )
 from rft_core.rl.algorithms import ALGORITHMS, Estimate
 from rft_core.rl.losses import LOSS_STATS, LossOutput, ppo_losses
@@ -52,14 +56,15 @@ from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    disable_dropout,
     item_records,
-    load_best_weights,
     make_accelerator,
-    optimizer_step,
-    save_best_weights,
+    save_weights,
     selection_key,
     stage_grader,
     step_positions,
+    sub_state,
+    training_mode,
 )
 
 logger = logging.getLogger("rft.rl")
@@ -95,9 +100,9 @@ class RLTrainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.grader, self.log = grader, log
         device = pick_device(cfg.model.device)
-        self.dtype = pick_dtype(cfg.model.dtype, device)
-        self.accelerator = accelerator or make_accelerator(device, self.dtype)
-        self.processes = Processes(self.accelerator)
+        self.precision = pick_dtype(cfg.model.dtype, device)  # of computation; trained weights: float32
+        self.accelerator = accelerator or make_accelerator(device)
+        self.processes = Processes(self.accelerator, self.precision)
         self.world, self.rank = self.processes.world, self.processes.rank
         if self.rl.prompts_per_iteration % self.world:
             raise ValueError(
@@ -107,8 +112,11 @@ class RLTrainer:
         rows_local = self.rl.prompts_per_iteration * self.rl.samples_per_prompt // self.world
         k = self.rl.samples_per_prompt
         # Rows of one prompt stay together (minibatches hold whole groups) so that the prompt can
-        # run once per group; gradient checkpointing cannot reuse a cache, so it turns this off.
-        self.group = k if (self.rl.shared_prompt_forward and k > 1 and not cfg.model.gradient_checkpointing) else 1
+        # run once per group. Gradient checkpointing cannot reuse a cache, and with FSDP every
+        # process must run the same forward passes (a group's second one depends on its responses'
+        # lengths), so either turns this off.
+        shared = self.rl.shared_prompt_forward and k > 1
+        self.group = k if (shared and not cfg.model.gradient_checkpointing and not self.processes.sharded) else 1
         wanted = min(rows_local, self.rl.minibatch_size // self.world)
         self.minibatch_local = max(self.group, wanted // self.group * self.group)
         micro = self.rl.micro_batch_size // self.world if self.rl.micro_batch_size else self.minibatch_local
@@ -122,20 +130,28 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(self.init_model, cfg.model)
         self.prompts = prompt_token_ids(self.train, self.tokenizer, cfg.model, self.rl.max_prompt_length)
         self.items = item_records(self.train)
-        self.eos = eos_ids(self.tokenizer)
+        self.eos = end_of_response(self.tokenizer, cfg.model, self.init_model).stop_ids
 
         identity = run_settings(
             self.rl, ignore=_RL_RUN_LENGTH_FIELDS, start_model=self.init_model,
             lora=cfg.model.lora.model_dump(mode="json"), items=hash_of(self.prompts, list(self.train["reference"])),
         )
         resume_from = resumable_checkpoint(self.ckpt_root, identity, "rl.")
-        policy = self._build_policy(resume_from)
-        self.module = PolicyWithValue(policy, with_value_head=self.algorithm.value_head).to(self.accelerator.device)
+        policy = disable_dropout(self._build_policy(resume_from))
+        self.module = PolicyWithValue(policy, self.algorithm.value_head).to(self.processes.device)
+        extra = load_extra(resume_from) if resume_from is not None else {}
+        if self.module.value_head is not None and "value_head.weight" in extra:
+            self.module.value_head.load_state_dict(
+                {"weight": extra["value_head.weight"], "bias": extra["value_head.bias"]}
+            )
         self.reference = None
         if not cfg.model.lora.enabled and self._needs_reference():
-            self.reference = load_model(self.init_model, cfg.model, device=self.accelerator.device, dtype=self.dtype)
-            self.reference.eval().requires_grad_(False)
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
+            # Frozen: stored in the compute precision.
+            self.reference = load_model(self.init_model, cfg.model, device=self.processes.device, dtype=self.precision)
+            disable_dropout(self.reference).eval().requires_grad_(False)
+        self.model = self.processes.prepare(self.module)
+        self.model.eval()  # training mode only inside the update (see the module docstring)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.rl.lr, eps=1e-5, weight_decay=0.0)
         warmup = self.rl.warmup_steps
         # Warm-up counts optimizer steps; the decay counts iterations (their number of optimizer
@@ -147,17 +163,12 @@ class RLTrainer:
         self.state: dict[str, Any] = {"history": [], "best": None, "best_iteration": None}
         self.start_iteration = 0
         if resume_from is not None:
-            extra = load_optimizer_states(resume_from, self.optimizer, self.scheduler)
-            if self.module.value_head is not None and "value_head.weight" in extra:
-                self.module.value_head.load_state_dict(
-                    {"weight": extra["value_head.weight"], "bias": extra["value_head.bias"]}
-                )
+            optimizer_state = load_training_state(resume_from, self.scheduler)
+            self.processes.load_optimizer_state(self.model, self.optimizer, optimizer_state)
             self.state = load_state(resume_from)
             self.start_iteration = self.state.pop("step")
             logger.info("resuming RL from %s (iteration %d)", resume_from, self.start_iteration)
         self.state["settings"] = identity
-        self.model, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
-        self.model.eval()  # no dropout anywhere in RL: sampling, scoring and updates see one policy
 
     # ------------------------------------------------------------------ one iteration
 
@@ -186,21 +197,23 @@ class RLTrainer:
 
         t0, steps, tokens = time.perf_counter(), 0, 0
         totals = torch.zeros(len(LOSS_STATS), dtype=torch.float64)  # loss statistics, summed over steps
-        for epoch in range(rl.ppo_epochs):
-            for rows in self.minibatches(iteration, epoch, len(batch.texts)):
-                # The loss's denominator: response tokens of the whole minibatch (every process).
-                normaliser = processes.total(batch.response_mask[rows].sum())
-                if normaliser == 0:
-                    continue
-                step_totals = torch.zeros_like(totals)
-                for part in processes.accumulate(self.model, self.micro_batches(rows)):
-                    out = self.losses(batch, part, estimate, normaliser)
-                    processes.backward(out.loss)
-                    step_totals += out.stats()
-                    tokens += int(batch.attention_mask[part].sum())
-                optimizer_step(self.accelerator, self.params, self.optimizer, self.scheduler, rl.max_grad_norm)
-                totals += processes.sum(step_totals)
-                steps += 1
+        with training_mode(self.model):  # gradient checkpointing runs in training mode only
+            for epoch in range(rl.ppo_epochs):
+                for rows in self.minibatches(iteration, epoch, len(batch.texts)):
+                    # The loss's denominator: response tokens of the whole minibatch (every process).
+                    normaliser = processes.total(batch.response_mask[rows].sum())
+                    if normaliser == 0:
+                        continue
+                    step_totals = torch.zeros_like(totals)
+                    for part in processes.accumulate(self.model, self.micro_batches(rows)):
+                        with processes.autocast():
+                            out = self.losses(batch, part, estimate, normaliser)
+                        processes.backward(out.loss)
+                        step_totals += out.stats()
+                        tokens += int(batch.attention_mask[part].sum())
+                    processes.step(self.params, self.optimizer, self.scheduler, rl.max_grad_norm)
+                    totals += processes.sum(step_totals)
+                    steps += 1
         timings.update(update=time.perf_counter() - t0, update_tokens=float(tokens))
         means = dict(zip(LOSS_STATS, (totals / max(1, steps)).tolist(), strict=True))
         return stats | {key: means[key] for key in self.algorithm.loss_stats}
@@ -208,10 +221,10 @@ class RLTrainer:
     def losses(self, batch: Rollout, rows: torch.Tensor, estimate: Estimate, normaliser: float) -> LossOutput:
         """The clipped policy loss of `rows`, plus the critic's value loss (PPO) or the KL term
         (GRPO), as sums over their response tokens divided by `normaliser`."""
-        rl, device = self.rl, self.accelerator.device
+        rl, device = self.rl, self.processes.device
         input_ids, attention_mask, width = batch.minibatch(rows)
         logprobs, values, _ = self.model(
-            input_ids.to(device), attention_mask.to(device), width, rl.temperature, self.group, with_entropy=False
+            input_ids.to(device), attention_mask.to(device), width, Sampling.of(rl), self.group, with_entropy=False
         )
 
         def rollout_side(t: torch.Tensor) -> torch.Tensor:  # what the rollout computed for these tokens
@@ -250,10 +263,14 @@ class RLTrainer:
         share = self.rl.prompts_per_iteration // self.world
         return positions[self.rank * share : (self.rank + 1) * share]
 
-    @torch.no_grad()
     def rollout(self, iteration: int, timings: dict[str, float]) -> Rollout:
         """Sample `samples_per_prompt` completions of this process's prompts, grade them, and score
-        their tokens under the policy, the critic and the reference."""
+        their tokens under the policy, the critic and the reference: in the stage's precision, with
+        the full weights on every process (`Processes.gathered`)."""
+        with torch.no_grad(), self.processes.gathered(self.model), self.processes.autocast():
+            return self._rollout(iteration, timings)
+
+    def _rollout(self, iteration: int, timings: dict[str, float]) -> Rollout:
         k = self.rl.samples_per_prompt
         items = self.iteration_prompts(iteration)
         # A sample's seed depends on the run seed, the iteration, the item and the sample index.
@@ -265,6 +282,7 @@ class RLTrainer:
             samples_per_prompt=k, seeds=seeds, eos_token_ids=self.eos,
             pad_token_id=self.tokenizer.pad_token_id, max_new_tokens=self.rl.max_new_tokens,
             temperature=self.rl.temperature, top_k=self.rl.top_k, batch_size=self.rl.generation_batch_size,
+            top_p=self.rl.top_p, min_p=self.rl.min_p,
         )
         t1 = time.perf_counter()
         texts = [decode(self.tokenizer, c) for c in completions]
@@ -285,12 +303,12 @@ class RLTrainer:
     def score(self, batch: Rollout) -> None:
         """Fill in the sampled tokens' log-probabilities and entropy under the policy, the critic's
         values and the reference's log-probabilities, in minibatches."""
-        model, device = self.accelerator.unwrap_model(self.model), self.accelerator.device
+        model, device = self.processes.unwrap(self.model), self.processes.device
         logprobs, values, entropy, ref = [], [], [], []
         for start in range(0, len(batch.texts), self.minibatch_local):
             sl = slice(start, start + self.minibatch_local)
             ids, am = batch.input_ids[sl].to(device), batch.attention_mask[sl].to(device)
-            lp, v, ent = model(ids, am, batch.response_length, self.rl.temperature, self.group)
+            lp, v, ent = model(ids, am, batch.response_length, Sampling.of(self.rl), self.group)
             logprobs.append(lp.cpu())
             entropy.append(ent.cpu())
             if v is not None:
@@ -308,11 +326,11 @@ class RLTrainer:
             return None
         if self.reference is not None:
             return score_tokens(
-                self.reference, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
+                self.reference, input_ids, attention_mask, length, Sampling.of(self.rl), None, self.group, with_entropy=False
             )[0]
         with self.policy.disable_adapter():
             return score_tokens(
-                self.policy, input_ids, attention_mask, length, self.rl.temperature, None, self.group, with_entropy=False
+                self.policy, input_ids, attention_mask, length, Sampling.of(self.rl), None, self.group, with_entropy=False
             )[0]
 
     def rollout_stats(self, batch: Rollout, timings: dict[str, float]) -> dict[str, float]:
@@ -346,20 +364,21 @@ class RLTrainer:
         return self.rl.kl_coef > 0
 
     def _build_policy(self, checkpoint: Path | None) -> torch.nn.Module:
-        device = self.accelerator.device
+        device = self.processes.device
         if self.cfg.model.lora.enabled:
-            base = load_model(self.init_model, self.cfg.model, device=device, dtype=self.dtype)
+            # The frozen base may be stored in the compute precision; peft keeps adapters in float32.
+            base = load_model(self.init_model, self.cfg.model, device=device, dtype=self.precision)
             if checkpoint is not None:
                 from peft import PeftModel
 
                 return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
             return add_lora(base, self.cfg.model)
         source = checkpoint / "model" if checkpoint is not None else self.init_model
-        return load_model(source, self.cfg.model, device=device, dtype=self.dtype)
+        return load_model(source, self.cfg.model, device=device, dtype=torch.float32)
 
     @property
     def policy(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model).policy
+        return self.processes.unwrap(self.model).policy
 
     def _set_iteration_lr(self, iteration: int) -> None:
         """The learning rate of this iteration: warm-up x decay(iteration / iterations). A function of
@@ -396,48 +415,63 @@ class RLTrainer:
         return self.finish()
 
     def validate(self, iteration: int) -> dict[str, float]:
-        metrics = validation_metrics(self.policy, self.tokenizer, self.val, self.grader, self.cfg, self.accelerator)
+        with self.processes.gathered(self.model), self.processes.autocast():
+            metrics = validation_metrics(
+                self.policy, self.tokenizer, self.val, self.grader, self.cfg, self.accelerator
+            )
         self.state["history"].append({"step": iteration, **metrics})
         best = self.state.get("best")
         key = selection_key(metrics)
         if self.rl.keep_best and (best is None or key > tuple(best)):
             self.state["best"], self.state["best_iteration"] = list(key), iteration
-            save_best_weights(self.policy, self.out_dir / "best", self.accelerator)
-            self.accelerator.wait_for_everyone()
+            save_weights(self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.")
         return metrics
 
     def checkpoint(self, iteration: int) -> None:
-        if self.accelerator.is_main_process:
-            extra = None
-            head = self.accelerator.unwrap_model(self.model).value_head
-            if head is not None:
-                extra = {f"value_head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
+        processes = self.processes
+        # These gather with FSDP: every process calls them.
+        policy_state = sub_state(processes.full_state_dict(self.model), "policy.")
+        optimizer_state = processes.optimizer_state(self.model, self.optimizer)
+        head = self._value_head_state()
+        if processes.is_main:
             save_checkpoint(
                 self.ckpt_root, iteration, model=self.policy, tokenizer=self.tokenizer,
-                optimizer=self.optimizer, scheduler=self.scheduler, state=self.state, extra=extra,
+                optimizer_state=optimizer_state, scheduler=self.scheduler, state=self.state,
+                extra={f"value_head.{k}": v for k, v in head.items()} if head is not None else None,
+                model_state=policy_state,
             )
-        self.accelerator.wait_for_everyone()
+        processes.wait()
 
     def finish(self) -> StageResult:
-        policy = self.policy
+        processes = self.processes
         history = self.state["history"]
         chosen = history[-1] if history else {}
         best_iteration = self.state.get("best_iteration")
         if self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations:
-            policy = load_best_weights(policy, self.out_dir / "best")
+            processes.load_weights(self.model, self.policy, self.out_dir / "best", prefix="policy.")
             chosen = next(h for h in history if h["step"] == best_iteration)
         model_dir = self.out_dir / "model"
-        if self.accelerator.is_main_process:
-            save_model(merge_lora(policy), self.tokenizer, model_dir)
-            head = self.accelerator.unwrap_model(self.model).value_head
+        save_weights(
+            processes, self.model, self.policy, model_dir, prefix="policy.", tokenizer=self.tokenizer, merge=True
+        )
+        head = self._value_head_state()
+        if processes.is_main:
             if head is not None:
-                torch.save(head.state_dict(), self.out_dir / "value_head.pt")
+                torch.save(head, self.out_dir / "value_head.pt")
             (self.out_dir / "result.json").write_text(json.dumps({"metrics": chosen, "history": history}, indent=1))
-        self.accelerator.wait_for_everyone()
+        processes.wait()
         return StageResult(str(model_dir), {k: float(v) for k, v in chosen.items()}, history)
 
+    def _value_head_state(self) -> dict[str, torch.Tensor] | None:
+        """The critic's weights, whole (gathered with FSDP: every process calls it); None without one."""
+        head = self.processes.unwrap(self.model).value_head
+        if head is None:
+            return None
+        state = head.state_dict()
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()}
+
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        if self.log and self.accelerator.is_main_process:
+        if self.log and self.processes.is_main:
             self.log(metrics, step)
 
 

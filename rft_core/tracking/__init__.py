@@ -22,7 +22,7 @@ from rft_core.tracking import tags
 from rft_core.tracking.errors import RegistryError, TrackingError, TrackingUnavailable
 from rft_core.tracking.gate import GateDecision, Measurement, decide
 from rft_core.tracking.models import _TextGenerator as _TextGenerator
-from rft_core.tracking.models import download_model, load_logged_model, log_model
+from rft_core.tracking.models import download_model, load_logged_model, log_model, serving_settings
 from rft_core.tracking.promotion import Evaluator, promote
 from rft_core.tracking.registry import (
     champion_version,
@@ -112,6 +112,7 @@ __all__ = [
     "rollback",
     "run_link",
     "run_tags",
+    "serving_settings",
     "set_alias",
     "set_tags",
     "sqlite_path",

@@ -1,0 +1,105 @@
+"""Progress of the long loops (pretraining, SFT steps, RL iterations, evaluation): one interface,
+two displays.
+
+A loop opens `progress(task, total, unit)` and calls `update(done, **latest)` as it goes (latest:
+the figures worth watching, e.g. loss or reward). What shows is decided by whoever runs the loop,
+not by the loop: by default plain log lines on the `rft.progress` logger, about ten per task
+plus the last one, with rate and time left (what Prefect's logs, CI and files want); a command
+running on a terminal installs a live display instead (`set_reporter`, see `rft/progress.py`).
+The library never draws anything itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
+
+logger = logging.getLogger("rft.progress")
+
+
+class Reporter(Protocol):
+    """A display of progress: `start` returns a handle that the other two take."""
+
+    def start(self, task: str, total: int, unit: str) -> Any: ...
+
+    def update(self, handle: Any, done: int, latest: Mapping[str, float]) -> None: ...
+
+    def finish(self, handle: Any) -> None: ...
+
+
+def format_latest(latest: Mapping[str, float]) -> str:
+    """`loss 0.531 val_accuracy 0.120`: the figures in the order given, 3 significant decimals."""
+    return " ".join(f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}" for key, value in latest.items())
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class LogReporter:
+    """Plain lines: `sft 40/400 steps (3.2/s, 1m52s left) loss 0.531`, about every tenth of a task."""
+
+    def __init__(self, lines_per_task: int = 10):
+        self.lines_per_task = lines_per_task
+
+    def start(self, task: str, total: int, unit: str) -> dict[str, Any]:
+        return {"task": task, "total": total, "unit": unit, "started": time.perf_counter(), "first": None,
+                "next": 0}
+
+    def update(self, handle: dict[str, Any], done: int, latest: Mapping[str, float]) -> None:
+        now = time.perf_counter()
+        if handle["first"] is None:
+            handle["first"] = (done, now)  # a resumed loop starts past 0: rate from here on
+            return
+        if done < handle["next"] and done < handle["total"]:
+            return
+        handle["next"] = done + max(1, handle["total"] // self.lines_per_task)
+        first_done, first_time = handle["first"]
+        rate = (done - first_done) / max(now - first_time, 1e-9)
+        left = (handle["total"] - done) / rate if rate > 0 else float("nan")
+        timing = f"{rate:.2f}/s, {format_seconds(left)} left" if rate > 0 else "starting"
+        extra = format_latest(latest)
+        logger.info(
+            "%s %d/%d %s (%s)%s", handle["task"], done, handle["total"], handle["unit"], timing,
+            f" {extra}" if extra else "",
+        )
+
+    def finish(self, handle: dict[str, Any]) -> None:
+        pass
+
+
+_reporter: Reporter = LogReporter()
+
+
+def set_reporter(reporter: Reporter | None) -> Reporter:
+    """Install `reporter` (None: plain log lines) for every loop from now on; returns the previous one."""
+    global _reporter
+    previous, _reporter = _reporter, reporter or LogReporter()
+    return previous
+
+
+class Progress:
+    """What a loop holds: `update(done, **latest)`."""
+
+    def __init__(self, reporter: Reporter, handle: Any):
+        self._reporter, self._handle = reporter, handle
+
+    def update(self, done: int, **latest: float) -> None:
+        self._reporter.update(self._handle, done, latest)
+
+
+@contextlib.contextmanager
+def progress(task: str, total: int, unit: str = "steps", *, start: int = 0) -> Iterator[Progress]:
+    """Report a loop of `total` units under the name `task`; `start` units are already done."""
+    reporter = _reporter
+    handle = reporter.start(task, total, unit)
+    tracker = Progress(reporter, handle)
+    tracker.update(start)
+    try:
+        yield tracker
+    finally:
+        reporter.finish(handle)
