@@ -282,6 +282,18 @@ class RLConfig(Section):
         "the tiny model's policy (bench/README.md).",
     )
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
+    critic_warmup: int = Field(
+        0, ge=0,
+        description="PPO: for the first N iterations train only the value head (the policy's trunk "
+        "frozen, no policy loss), so that the critic's values mean something before they shape the "
+        "policy's advantages (verl's critic_warmup). The head starts at 0.",
+    )
+    filter_flat_groups: bool = Field(
+        False,
+        description="Leave out of the update the prompts whose samples all scored the same (every "
+        "sample right, or every one wrong): they carry no comparison between samples (DAPO's dynamic "
+        "sampling, without drawing replacements). Their share is logged as rl/flat_groups.",
+    )
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature of rollouts.")
     top_k: int = Field(0, ge=0, description="Top-k sampling: only the k most probable tokens (0: off).")
@@ -368,6 +380,12 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(48, ge=1, description="Longest generated answer.")
     batch_size: int = Field(64, ge=1, description="Prompts per generation batch.")
     num_logged_samples: int = Field(32, ge=0, description="Completions kept in the samples table.")
+    sampled_validation: bool = Field(
+        True,
+        description="Validation during training also samples one completion per item at "
+        "eval.temperature and logs its mean reward (val_sampled_reward, beside the greedy val_accuracy); "
+        "costs one more generation pass per validation.",
+    )
     seed: int = Field(0, description="Seed of the sampled completions.")
 
 

@@ -7,7 +7,7 @@ counted and reported, and count as not correct; they are left out of the mean re
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from rft_core.generation import generate, row_seeds
 from rft_core.graders import grade_batch
 from rft_core.graders.numeric import extract_answer, parse_number
 from rft_core.models import decode, end_of_response, prompt_token_ids
+from rft_core.progress import progress
 from rft_core.training import item_records
 
 
@@ -46,8 +47,10 @@ def sample_completions(
     seed: int | None = None,
     keys: Sequence[int] | None = None,
     stop_ids: Sequence[int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[list[list[int]]]:
     """Completions [prompt][sample] -> token ids, in batches; greedy when `seed` is None.
+    `on_batch(n)` is told after each batch how many prompts it held.
 
     `keys` are stable ids of the prompts (default: their positions) so that a prompt's samples
     depend on the prompt and the seed only. A completion ends on one of `stop_ids` (default:
@@ -84,6 +87,8 @@ def sample_completions(
         n = num_samples if seed is not None else 1
         for j, i in enumerate(chunk):
             by_index[i] = result.completions[j * n : (j + 1) * n]
+        if on_batch is not None:
+            on_batch(len(chunk))
     out = [by_index[i] for i in range(len(prompts))]
     model.train(was_training)
     return out
@@ -128,12 +133,20 @@ def evaluate(
     cfg: RFTConfig,
     *,
     k: int | None = None,
+    sampled: bool = False,
     max_items: int | None = None,
     accelerator: Any | None = None,
+    progress_task: str | None = None,
 ) -> EvalReport:
-    """Greedy accuracy and mean reward on `frame`, plus pass@k and maj@k when k > 0."""
+    """Greedy accuracy and mean reward on `frame`, plus pass@k and maj@k when k > 0.
+
+    With k > 0, or `sampled`, also `sampled_reward_mean`: the mean reward of completions sampled at
+    `eval.temperature` (the k samples, or one per item), the figure OpenAI's RFT dashboard plots.
+    `progress_task` names the evaluation in the progress display (none: not shown).
+    """
     ev = cfg.eval
     k = ev.k if k is None else k
+    n_sampled = k if k > 0 else int(sampled)
     limit = max_items if max_items is not None else ev.max_items
     if limit is not None:
         frame = frame.iloc[:limit]
@@ -146,19 +159,29 @@ def evaluate(
         rank, world = accelerator.process_index, accelerator.num_processes
     mine = indices[rank::world]
 
-    greedy = sample_completions(
-        model, tokenizer, [prompts[i] for i in mine],
-        num_samples=1, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, stop_ids=stop_ids,
-    )
-    sampled: list[list[list[int]]] = [[] for _ in mine]
-    if k > 0:
-        sampled = sample_completions(
+    passes = 1 + (n_sampled > 0)
+    shown = progress(progress_task or "evaluate", passes * len(mine), "prompts", enabled=progress_task is not None and rank == 0)
+    with shown as bar:
+        done = [0]
+
+        def advance(n: int) -> None:
+            done[0] += n
+            bar.update(done[0])
+
+        greedy = sample_completions(
             model, tokenizer, [prompts[i] for i in mine],
-            num_samples=k, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-            temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p, min_p=ev.min_p,
-            seed=ev.seed, keys=mine, stop_ids=stop_ids,
+            num_samples=1, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, stop_ids=stop_ids,
+            on_batch=advance,
         )
-    local = [(i, g[0], s) for i, g, s in zip(mine, greedy, sampled, strict=True)]
+        samples_of: list[list[list[int]]] = [[] for _ in mine]
+        if n_sampled > 0:
+            samples_of = sample_completions(
+                model, tokenizer, [prompts[i] for i in mine],
+                num_samples=n_sampled, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                temperature=ev.temperature, top_k=ev.top_k, top_p=ev.top_p, min_p=ev.min_p,
+                seed=ev.seed, keys=mine, stop_ids=stop_ids, on_batch=advance,
+            )
+    local = [(i, g[0], s) for i, g, s in zip(mine, greedy, samples_of, strict=True)]
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -179,15 +202,18 @@ def evaluate(
         "response_length": sum(greedy_lengths) / n,
         "items": float(len(results)),
     }
-    if k > 0:
+    if n_sampled > 0:
         texts = [[decode(tokenizer, c) for c in row[2]] for row in local]
         flat_items = [items[i] for i, row in enumerate(texts) for _ in row]
         flat = grade_batch(grader, [t for row in texts for t in row], flat_items, workers=cfg.grader.workers)
-        rewards_per_item = [[g.reward for g in flat[i * k : (i + 1) * k]] for i in range(len(texts))]
-        pass_at, maj_at = pass_and_majority(texts, rewards_per_item, threshold)
-        # MLflow metric names cannot hold "@": pass@k is logged as pass_at_k.
-        metrics[f"pass_at_{k}"], metrics[f"maj_at_{k}"] = pass_at, maj_at
+        sampled_rewards = [g.reward for g in flat if g.reward is not None]
+        metrics["sampled_reward_mean"] = sum(sampled_rewards) / len(sampled_rewards) if sampled_rewards else 0.0
         metrics["grader_errors"] += sum(1 for g in flat if g.reward is None)
+        if k > 0:
+            rewards_per_item = [[g.reward for g in flat[i * k : (i + 1) * k]] for i in range(len(texts))]
+            pass_at, maj_at = pass_and_majority(texts, rewards_per_item, threshold)
+            # MLflow metric names cannot hold "@": pass@k is logged as pass_at_k.
+            metrics[f"pass_at_{k}"], metrics[f"maj_at_{k}"] = pass_at, maj_at
 
     samples = []
     for (_, row), text, result in list(zip(frame.iterrows(), greedy_texts, results, strict=True))[
@@ -215,6 +241,11 @@ def validation_metrics(
     accelerator: Any | None = None,
 ) -> dict[str, float]:
     """What training stages log and pick their best checkpoint by: greedy `val_accuracy`,
-    `val_reward_mean` and `val_grader_errors` on `frame`."""
-    report = evaluate(model, tokenizer, frame, grader, cfg, k=0, accelerator=accelerator)
-    return {f"val_{key}": report.metrics[key] for key in ("accuracy", "reward_mean", "grader_errors")}
+    `val_reward_mean` and `val_grader_errors` on `frame`, and (`eval.sampled_validation`)
+    `val_sampled_reward`, the mean reward of one completion per item sampled at `eval.temperature`."""
+    sampled = cfg.eval.sampled_validation
+    report = evaluate(model, tokenizer, frame, grader, cfg, k=0, sampled=sampled, accelerator=accelerator)
+    metrics = {f"val_{key}": report.metrics[key] for key in ("accuracy", "reward_mean", "grader_errors")}
+    if sampled:
+        metrics["val_sampled_reward"] = report.metrics["sampled_reward_mean"]
+    return metrics

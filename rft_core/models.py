@@ -9,6 +9,7 @@ model stop on any of its `stop_ids`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+def compute_in(device: torch.device, precision: torch.dtype) -> contextlib.AbstractContextManager:
+    """Forward passes in `precision` over float32 weights (autocast), as training and validation
+    run them; nothing to do in float32."""
+    if precision == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=precision)
 
 
 def load_tokenizer(name_or_path: str | Path, cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:

@@ -92,10 +92,24 @@ class Progress:
         self._reporter.update(self._handle, done, latest)
 
 
+class _Silent:
+    def start(self, task: str, total: int, unit: str) -> None:
+        return None
+
+    def update(self, handle: None, done: int, latest: Mapping[str, float]) -> None:
+        pass
+
+    def finish(self, handle: None) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def progress(task: str, total: int, unit: str = "steps", *, start: int = 0) -> Iterator[Progress]:
-    """Report a loop of `total` units under the name `task`; `start` units are already done."""
-    reporter = _reporter
+def progress(
+    task: str, total: int, unit: str = "steps", *, start: int = 0, enabled: bool = True
+) -> Iterator[Progress]:
+    """Report a loop of `total` units under the name `task`; `start` units are already done.
+    `enabled=False` reports nothing (e.g. every process but the main one)."""
+    reporter = _reporter if enabled else _Silent()
     handle = reporter.start(task, total, unit)
     tracker = Progress(reporter, handle)
     tracker.update(start)

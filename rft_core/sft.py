@@ -47,6 +47,7 @@ from rft_core.models import (
     pick_dtype,
     row_prompt_ids,
 )
+from rft_core.progress import progress
 from rft_core.training import (
     LogFn,
     Processes,
@@ -158,6 +159,7 @@ def train_examples(
     log: LogFn | None = None,
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     identity: dict[str, Any] | None = None,
+    task: str = "sft",
 ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
     """The supervised loop. Returns the trained model as `processes.prepare` returned it (best
     checkpoint's weights when `settings.keep_best` and validation ran), the metric history and the
@@ -166,7 +168,7 @@ def train_examples(
     `make_model(checkpoint_model_dir or None)` builds the trainable model: from the base, or from a
     checkpoint's `model/` directory when resuming. A checkpoint left in `out_dir` by a run with
     other settings (the training fields of `settings`, the examples, `identity`: e.g. the starting
-    model) is refused.
+    model) is refused. Progress is reported under the name `task`.
     """
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -221,60 +223,67 @@ def train_examples(
     if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
         run_eval(0)
     model.train()
-    report_every = max(1, total_steps // 20)
     started = time.perf_counter()
     tokens_seen = 0
-    for step in range(start_step, total_steps):
-        # Per-step seed: dropout and friends replay exactly after a resume.
-        torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
-        positions = step_positions(step, global_batch, n, settings.seed)
-        step_examples = [examples[i] for i in positions]
-        target_tokens = sum(len(e.completion_ids) for e in step_examples)
-        # grad_accum micro-batches: block m holds micro x world examples, this process takes its micro.
-        blocks = (step_examples[m * micro * world : (m + 1) * micro * world] for m in range(settings.grad_accum))
-        mine = [block[rank * micro : (rank + 1) * micro] for block in blocks]
-        loss_total = 0.0
-        for part in processes.accumulate(model, mine):
-            batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
-            with processes.autocast():
-                nll, _ = token_nll_sum(model, batch)
-            processes.backward(nll / target_tokens)  # the token-mean over the whole step
-            loss_total += float(nll.detach())
-            tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
-        done = step + 1
-        step_loss = processes.total(loss_total) / target_tokens  # a collective: every rank
-        if log and processes.is_main:
-            elapsed = time.perf_counter() - started
-            log(
-                {
-                    "loss": step_loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
-                },
-                done,
-            )
-        if done % report_every == 0 or done == total_steps:
-            logger.info("step %d/%d", done, total_steps)
-        if settings.eval_interval and done % settings.eval_interval == 0 and done != total_steps:
-            run_eval(done)
-        last = done == total_steps
-        if last:
-            run_eval(done)
-        if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
-            model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
-            optimizer_state = processes.optimizer_state(model, optimizer)
-            if processes.is_main:
-                save_checkpoint(
-                    ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
-                    optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
+    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar:
+        for step in range(start_step, total_steps):
+            # Per-step seed: dropout and friends replay exactly after a resume.
+            torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
+            positions = step_positions(step, global_batch, n, settings.seed)
+            step_examples = [examples[i] for i in positions]
+            target_tokens = sum(len(e.completion_ids) for e in step_examples)
+            # grad_accum micro-batches: block m holds micro x world examples, this process takes its micro.
+            blocks = (step_examples[m * micro * world : (m + 1) * micro * world] for m in range(settings.grad_accum))
+            mine = [block[rank * micro : (rank + 1) * micro] for block in blocks]
+            loss_total = 0.0
+            for part in processes.accumulate(model, mine):
+                batch = {k: v.to(device) for k, v in collate(part, pad_id).items()}
+                with processes.autocast():
+                    nll, _ = token_nll_sum(model, batch)
+                processes.backward(nll / target_tokens)  # the token-mean over the whole step
+                loss_total += float(nll.detach())
+                tokens_seen += int(batch["attention_mask"].sum())
+            grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
+            done = step + 1
+            step_loss = processes.total(loss_total) / target_tokens  # a collective: every rank
+            if log and processes.is_main:
+                elapsed = time.perf_counter() - started
+                log(
+                    {
+                        "loss": step_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens_seen * world / max(elapsed, 1e-9),
+                    },
+                    done,
                 )
-            processes.wait()
+            if settings.eval_interval and done % settings.eval_interval == 0 and done != total_steps:
+                run_eval(done)
+            last = done == total_steps
+            if last:
+                run_eval(done)
+            bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
+            if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
+                model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
+                optimizer_state = processes.optimizer_state(model, optimizer)
+                if processes.is_main:
+                    save_checkpoint(
+                        ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
+                        optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
+                    )
+                processes.wait()
 
     if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
         processes.load_weights(model, processes.unwrap(model), best_dir)
     return model, state["history"], state
+
+
+def _latest_validation(history: list[dict[str, float]]) -> dict[str, float]:
+    """The last validation's accuracy (and sampled reward), to show beside a loop's progress."""
+    if not history:
+        return {}
+    last = history[-1]
+    return {key: last[key] for key in ("val_accuracy", "val_sampled_reward") if key in last}
 
 
 # --------------------------------------------------------------------------- stages
@@ -378,6 +387,6 @@ def train_language_model(
 
     trained, _, _ = train_examples(
         make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
-        out_dir=out_dir, processes=processes, log=log,
+        out_dir=out_dir, processes=processes, log=log, task="pretrain",
     )
     return trained

@@ -357,26 +357,36 @@ def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracki
     return record
 
 
-def evaluate_model_dir(cfg: RFTConfig, model_dir: str | Path, frame: Any, grader: Any = None):
+def evaluate_model_dir(
+    cfg: RFTConfig, model_dir: str | Path, frame: Any, grader: Any = None, progress_task: str | None = None
+):
     """Load a model directory and evaluate it on `frame` with the config's eval section."""
+    import torch
+
     from rft_core.models import load_model, load_tokenizer
 
-    return evaluate_loaded(cfg, load_model(model_dir, cfg.model), load_tokenizer(model_dir, cfg.model), frame, grader)
+    # Float32 weights computed in the configured precision: as validation during training saw them.
+    model = load_model(model_dir, cfg.model, dtype=torch.float32)
+    return evaluate_loaded(cfg, model, load_tokenizer(model_dir, cfg.model), frame, grader, progress_task)
 
 
-def evaluate_loaded(cfg: RFTConfig, model: Any, tokenizer: Any, frame: Any, grader: Any = None):
+def evaluate_loaded(
+    cfg: RFTConfig, model: Any, tokenizer: Any, frame: Any, grader: Any = None, progress_task: str | None = None
+):
     from rft_core.evaluate import evaluate
     from rft_core.graders import configured_grader
-    from rft_core.models import pick_device
+    from rft_core.models import compute_in, pick_device, pick_dtype
 
-    model = model.to(pick_device(cfg.model.device))
+    device = pick_device(cfg.model.device)
+    model = model.to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     own = grader is None
     grader = grader or configured_grader(cfg.grader)
     try:
-        return evaluate(model, tokenizer, frame, grader, cfg)
+        with compute_in(device, pick_dtype(cfg.model.dtype, device)):
+            return evaluate(model, tokenizer, frame, grader, cfg, progress_task=progress_task)
     finally:
         if own:
             grader.close()
@@ -409,7 +419,7 @@ def evaluate_stage(
         grader = configured_grader(cfg.grader)
         try:
             for name, record in models.items():
-                report = evaluate_model_dir(cfg, record.model_dir, val, grader)
+                report = evaluate_model_dir(cfg, record.model_dir, val, grader, progress_task=f"evaluate {name}")
                 results[name] = report.metrics
                 (work / f"samples_{name}.json").write_text(json.dumps(report.samples, indent=1))
                 if run_id:

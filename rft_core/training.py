@@ -23,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from rft_core.config import RFTConfig
+from rft_core.models import compute_in
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -176,9 +177,7 @@ class Processes:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Forward passes in `precision` (float32 weights stay float32); nothing in float32."""
-        if not self.mixed:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision)
+        return compute_in(self.device, self.precision)
 
     # ------------------------------------------------------------------ the model
 

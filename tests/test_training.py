@@ -11,7 +11,7 @@ from training_fixtures import Crash, crash_at, tiny_config, tiny_task
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rft_core.checkpoint import CheckpointMismatchError
-from rft_core.evaluate import evaluate, pass_and_majority
+from rft_core.evaluate import evaluate, pass_and_majority, validation_metrics
 from rft_core.generation import generate, row_seeds
 from rft_core.graders import build_grader
 from rft_core.models import load_model, load_tokenizer
@@ -325,3 +325,42 @@ def test_a_minibatch_without_its_padding_columns_scores_as_the_full_width_does(t
     full = score_tokens(model, ids[rows], am[rows], mask.shape[1])[0][:, :width]
     trimmed = score_tokens(model, input_ids, attention_mask, width)[0]
     assert torch.allclose(full * mask[rows, :width], trimmed * mask[rows, :width], atol=1e-5)
+
+
+def test_critic_warmup_trains_the_value_head_alone_then_the_policy(task, tmp_path, grader):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "rl.iterations=2", "rl.critic_warmup=1")
+    trainer = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl", grader=grader)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    trainer.update(trainer.rollout(0, {}), 0, {})  # a warm-up iteration
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+    head = trainer.module.value_head
+    assert head.weight.abs().sum() > 0  # the head learned from the returns
+    trainer.update(trainer.rollout(1, {}), 1, {})  # past the warm-up: the policy moves too
+    assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+
+
+def test_flat_groups_are_left_out_of_the_update(task, tmp_path):
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "rl.iterations=1", "rl.filter_flat_groups=true", "rl.kl_coef=0.0")
+    # Every sample scores the same: every group is flat, so nothing is left to learn from.
+    with build_grader({"type": "string_check", "operation": "eq", "input": "x", "reference": "x"}) as same:
+        trainer = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl", grader=same)
+        before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+        batch = trainer.rollout(0, {})
+        stats = trainer.update(batch, 0, {})
+    assert stats["flat_groups"] == 1.0
+    assert batch.response_mask.sum() == 0
+    assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+
+
+def test_validation_reports_the_sampled_reward_beside_greedy_accuracy(task, grader):
+    cfg, _, val, model_dir = task
+    model, tok = load_model(model_dir, cfg.model), load_tokenizer(model_dir)
+    metrics = validation_metrics(model, tok, val.iloc[:6], grader, cfg)
+    assert set(metrics) == {"val_accuracy", "val_reward_mean", "val_grader_errors", "val_sampled_reward"}
+    assert 0.0 <= metrics["val_sampled_reward"] <= 1.0
+    again = validation_metrics(model, tok, val.iloc[:6], grader, cfg)
+    assert again == metrics  # the samples are seeded
+    off = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sampled_validation": False})})
+    assert "val_sampled_reward" not in validation_metrics(model, tok, val.iloc[:6], grader, off)

@@ -75,6 +75,21 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None, ep
     return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask
 
 
+def flat_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """One boolean per group of `group_size` consecutive rows: True when the group's valid scores
+    are all equal (every sample right, or every one wrong: nothing to compare), or none is valid.
+
+    >>> flat_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2).tolist()
+    [True, False, True]
+    """
+    groups = scores.view(-1, group_size).to(torch.float64)
+    ok = torch.ones_like(groups, dtype=torch.bool) if valid is None else valid.view(-1, group_size).bool()
+    big = torch.finfo(groups.dtype).max
+    hi = torch.where(ok, groups, -big).max(1).values
+    lo = torch.where(ok, groups, big).min(1).values
+    return (hi - lo) <= 0
+
+
 def group_advantages(
     scores: torch.Tensor,
     group_size: int,
@@ -93,10 +108,7 @@ def group_advantages(
     n = ok.sum(1, keepdim=True)
     mean = (groups * ok).sum(1, keepdim=True) / n.clamp(min=1)
     var = (((groups - mean) ** 2) * ok).sum(1, keepdim=True) / (n - 1).clamp(min=1)
-    big = torch.finfo(groups.dtype).max
-    hi = torch.where(ok > 0, groups, -big).max(1).values
-    lo = torch.where(ok > 0, groups, big).min(1).values
-    flat = (hi - lo) <= 0
+    flat = flat_groups(scores, group_size, valid)
     advantages = (groups - mean) * ok
     if scale:
         advantages = advantages / (var.sqrt() + eps)

@@ -47,11 +47,27 @@ class PolicyWithValue(nn.Module):
         temperature: float | Sampling,
         group_size: int = 1,
         with_entropy: bool = True,
+        critic_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Log-probs, values, entropy of the response tokens. `critic_only`: the value head sees the
+        trunk's hidden states detached, so a value loss trains the head and nothing else."""
+        head = self.value_head
+        if critic_only and head is not None:
+            head = _DetachedInput(head)
         return score_tokens(
-            self.policy, input_ids, attention_mask, response_length, temperature, self.value_head, group_size,
-            with_entropy,
+            self.policy, input_ids, attention_mask, response_length, temperature, head, group_size, with_entropy,
         )
+
+
+class _DetachedInput(nn.Module):
+    """A head applied to detached inputs: gradients stop at its input."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden.detach())
 
 
 def _sampling(sampling: Sampling | float) -> Sampling:

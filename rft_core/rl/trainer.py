@@ -49,6 +49,8 @@ from rft_core.models import (
     pick_dtype,
     prompt_token_ids,
 )
+from rft_core.progress import progress
+from rft_core.rl.advantages import flat_groups
 from rft_core.rl.algorithms import ALGORITHMS, Estimate
 from rft_core.rl.losses import LOSS_STATS, LossOutput, ppo_losses
 from rft_core.rl.rollout import PolicyWithValue, Rollout, pack, sample_rollout, score_tokens
@@ -75,6 +77,10 @@ _RL_RUN_LENGTH_FIELDS = {
     "enabled", "iterations", "eval_interval", "checkpoint_interval", "keep_best",
     "generation_batch_size", "micro_batch_size",
 }
+
+
+# What the progress display shows of an iteration's statistics.
+_SHOWN = ("reward_mean", "kl", "val_accuracy", "val_sampled_reward")
 
 
 class RLTrainer:
@@ -191,8 +197,15 @@ class RLTrainer:
         """Advantages, then `ppo_epochs` passes over the batch in shuffled minibatches, one optimizer
         step each; statistics averaged over the steps."""
         rl, processes = self.rl, self.processes
+        # The first `critic_warmup` iterations train the value head alone (PPO).
+        critic_only = self.algorithm.value_head and iteration < rl.critic_warmup
+        filtered = {}
+        if rl.filter_flat_groups:
+            flat = flat_groups(batch.scores, rl.samples_per_prompt, batch.graded)
+            batch.response_mask = batch.response_mask * (~flat).repeat_interleave(rl.samples_per_prompt)[:, None]
+            filtered = {"flat_groups": float(flat.float().mean())}
         estimate = self.algorithm.advantages(batch, rl, processes.sum)  # the PPO / GRPO seam
-        stats = processes.mean(estimate.stats)
+        stats = processes.mean(estimate.stats | filtered)
         stats["kl"] = processes.total(estimate.kl.sum()) / max(1.0, processes.total(len(estimate.kl)))
 
         t0, steps, tokens = time.perf_counter(), 0, 0
@@ -207,7 +220,7 @@ class RLTrainer:
                     step_totals = torch.zeros_like(totals)
                     for part in processes.accumulate(self.model, self.micro_batches(rows)):
                         with processes.autocast():
-                            out = self.losses(batch, part, estimate, normaliser)
+                            out = self.losses(batch, part, estimate, normaliser, critic_only)
                         processes.backward(out.loss)
                         step_totals += out.stats()
                         tokens += int(batch.attention_mask[part].sum())
@@ -218,13 +231,17 @@ class RLTrainer:
         means = dict(zip(LOSS_STATS, (totals / max(1, steps)).tolist(), strict=True))
         return stats | {key: means[key] for key in self.algorithm.loss_stats}
 
-    def losses(self, batch: Rollout, rows: torch.Tensor, estimate: Estimate, normaliser: float) -> LossOutput:
+    def losses(
+        self, batch: Rollout, rows: torch.Tensor, estimate: Estimate, normaliser: float, critic_only: bool = False
+    ) -> LossOutput:
         """The clipped policy loss of `rows`, plus the critic's value loss (PPO) or the KL term
-        (GRPO), as sums over their response tokens divided by `normaliser`."""
+        (GRPO), as sums over their response tokens divided by `normaliser`. `critic_only`: the
+        value loss alone, on the trunk's detached hidden states (the critic warm-up)."""
         rl, device = self.rl, self.processes.device
         input_ids, attention_mask, width = batch.minibatch(rows)
         logprobs, values, _ = self.model(
-            input_ids.to(device), attention_mask.to(device), width, Sampling.of(rl), self.group, with_entropy=False
+            input_ids.to(device), attention_mask.to(device), width, Sampling.of(rl), self.group,
+            with_entropy=False, critic_only=critic_only,
         )
 
         def rollout_side(t: torch.Tensor) -> torch.Tensor:  # what the rollout computed for these tokens
@@ -238,10 +255,15 @@ class RLTrainer:
             )
         if self.algorithm.kl_in_loss and batch.ref_logprobs is not None:
             kwargs.update(ref_logprobs=rollout_side(batch.ref_logprobs), kl_coef=rl.kl_coef)
-        return ppo_losses(
+        out = ppo_losses(
             logprobs, rollout_side(batch.logprobs), rollout_side(estimate.advantages),
             rollout_side(batch.response_mask), clip_range=rl.clip_range, normaliser=normaliser, **kwargs,
         )
+        if critic_only:
+            # 0 x the policy loss keeps every parameter in the graph (data-parallel processes
+            # exchange a gradient for each), with nothing in it for the trunk.
+            out.loss = rl.vf_coef * out.vf_loss + 0.0 * out.pg_loss
+        return out
 
     def minibatches(self, iteration: int, epoch: int, n_rows: int) -> list[torch.Tensor]:
         """This process's rows in this epoch's shuffled order, cut into minibatches; the samples of
@@ -399,19 +421,18 @@ class RLTrainer:
         rl = self.rl
         if self.start_iteration == 0 and rl.eval_interval:
             self._log(self.validate(0), 0)
-        for iteration in range(self.start_iteration, rl.iterations):
-            stats = self.iteration(iteration)
-            done = iteration + 1
-            if (rl.eval_interval and done % rl.eval_interval == 0) or done == rl.iterations:
-                stats.update(self.validate(done))
-            self._log(stats, done)
-            logger.info(
-                "iteration %d/%d reward %.3f acc %.3f kl %.4f%s", done, rl.iterations, stats["reward_mean"],
-                stats["accuracy"], stats["kl"],
-                f" val_acc {stats['val_accuracy']:.3f}" if "val_accuracy" in stats else "",
-            )
-            if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
-                self.checkpoint(done)
+        shown = {}  # the figures beside the progress: training reward, KL, the last validation
+        with progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar:
+            for iteration in range(self.start_iteration, rl.iterations):
+                stats = self.iteration(iteration)
+                done = iteration + 1
+                if (rl.eval_interval and done % rl.eval_interval == 0) or done == rl.iterations:
+                    stats.update(self.validate(done))
+                self._log(stats, done)
+                shown.update({key: stats[key] for key in _SHOWN if key in stats})
+                bar.update(done, **shown)
+                if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
+                    self.checkpoint(done)
         return self.finish()
 
     def validate(self, iteration: int) -> dict[str, float]:

@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import pandas as pd  # already imported by mlflow; needed at runtime for a type hint MLflow evaluates
+import torch
 from mlflow.exceptions import MlflowException
 
 from rft_core.tracking.errors import RegistryError, TrackingError
@@ -92,10 +93,12 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         settings = getattr(self, "serving", None) or RAW_SERVING  # models pickled before serving settings
+        self.precision = torch.float32
         if settings.get("device"):
             device = pick_device(settings["device"])
-            dtype = pick_dtype(settings.get("dtype") or "auto", device)
-            self.model = self.model.to(device=device, dtype=dtype)
+            # Float32 weights computed in the configured precision, as evaluation runs them.
+            self.precision = pick_dtype(settings.get("dtype") or "auto", device)
+            self.model = self.model.to(device=device, dtype=torch.float32)
         self.model_cfg = _model_section(settings)
         self.stop_ids = end_of_response(self.tokenizer, self.model_cfg, self.model).stop_ids
 
@@ -106,7 +109,7 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> list[str]:
         from rft_core.evaluate import sample_completions
-        from rft_core.models import decode, prompt_token_ids
+        from rft_core.models import compute_in, decode, prompt_token_ids
 
         settings = getattr(self, "serving", None) or RAW_SERVING
         inputs = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
@@ -115,10 +118,11 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
         rows = [_as_row(str(text)) for text in inputs]
         ids = prompt_token_ids(pd.DataFrame(rows, columns=["prompt", "messages"]), self.tokenizer,
                                self.model_cfg, longest)
-        completions = sample_completions(
-            self.model, self.tokenizer, ids, num_samples=1, max_new_tokens=max_new_tokens,
-            batch_size=int(settings.get("batch_size") or 1), stop_ids=self.stop_ids,
-        )
+        with compute_in(self.model.device, getattr(self, "precision", torch.float32)):
+            completions = sample_completions(
+                self.model, self.tokenizer, ids, num_samples=1, max_new_tokens=max_new_tokens,
+                batch_size=int(settings.get("batch_size") or 1), stop_ids=self.stop_ids,
+            )
         return [decode(self.tokenizer, c[0]) for c in completions]
 
 
