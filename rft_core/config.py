@@ -50,8 +50,14 @@ class ColumnsConfig(Section):
 
 
 class SyntheticConfig(Section):
-    """The built-in task: multi-step arithmetic word problems with worked solutions."""
+    """The built-in tasks: multi-step arithmetic word problems, or case reports to rank causes for."""
 
+    task: Literal["arithmetic", "rank"] = Field(
+        "arithmetic",
+        description="arithmetic: word problems, graded numeric_match; rank: case reports -> a ranked "
+        "list of likely causes, graded rank (steps, operands, values, distractors and slips apply to "
+        "arithmetic only).",
+    )
     n_train: int = Field(2000, ge=1, description="Items in the training file.")
     n_val: int = Field(300, ge=1, description="Items in the validation file (disjoint from train).")
     min_steps: int = Field(1, ge=1, description="Fewest arithmetic steps in a problem.")
@@ -80,6 +86,12 @@ class SyntheticConfig(Section):
     def _steps_in_order(self) -> SyntheticConfig:
         if self.min_steps > self.max_steps:
             raise ValueError(f"min_steps ({self.min_steps}) is larger than max_steps ({self.max_steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _slips_are_arithmetic(self) -> SyntheticConfig:
+        if self.task == "rank" and self.slip_fraction > 0:
+            raise ValueError("slip_fraction applies to the arithmetic task only; the rank task has no slips")
         return self
 
 

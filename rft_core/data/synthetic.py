@@ -20,6 +20,9 @@ disjoint by normalised prompt and by prompt-up-to-numbers, and everything follow
 
 `pretraining_documents` writes generic text of the same family (single operations, look-ups, short
 chains, definitions then evaluation) for a short pretraining of the tiny model.
+
+`generate`, `write_synthetic` and `pretraining_documents` serve the task `cfg.task` names: this
+module's arithmetic, or the ranking task of `cases.py` (see `TASKS`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rft_core.config import SyntheticConfig
+from rft_core.data import cases
 from rft_core.data.split import normalize_prompt, numbers_stripped
 
 NAMES = (
@@ -272,7 +276,7 @@ def _record(problem: WordProblem, with_solution: bool, slip_values: list[int] | 
             "slip": slip_values is not None}
 
 
-def generate(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
+def generate_arithmetic(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
     """(train, validation) records, GSM8K-shaped; see the module docstring.
 
     Validation is drawn first from its own stream, so it does not change with `n_train`.
@@ -373,7 +377,9 @@ def _definitions_doc(rng: random.Random, cfg: SyntheticConfig) -> str:
 _DOC_KINDS = ((_operation_doc, 0.2), (_lookup_doc, 0.25), (_chain_doc, 0.35), (_definitions_doc, 0.2))
 
 
-def pretraining_documents(cfg: SyntheticConfig, n: int, seed: int, exclude: set[str] | tuple = ()) -> list[str]:
+def arithmetic_pretraining_documents(
+    cfg: SyntheticConfig, n: int, seed: int, exclude: set[str] | tuple = ()
+) -> list[str]:
     """`n` short documents of the task's family, in the task's surface format, for pretraining:
     single operations ("9+13=22"), value look-ups, 1-2-step chains with worked solutions, and
     definitions followed by their evaluation. None contains a prompt in `exclude` (pass the
@@ -389,3 +395,23 @@ def pretraining_documents(cfg: SyntheticConfig, n: int, seed: int, exclude: set[
         if not _contains_excluded(document, excluded):
             documents.append(document)
     return documents
+
+
+# --------------------------------------------------------------------------- the task table
+
+
+# task name -> (train and validation records, pretraining documents)
+TASKS = {
+    "arithmetic": (generate_arithmetic, arithmetic_pretraining_documents),
+    "rank": (cases.generate, cases.pretraining_documents),
+}
+
+
+def generate(cfg: SyntheticConfig) -> tuple[list[dict], list[dict]]:
+    """(train, validation) records of the task `cfg.task` names."""
+    return TASKS[cfg.task][0](cfg)
+
+
+def pretraining_documents(cfg: SyntheticConfig, n: int, seed: int, exclude: set[str] | tuple = ()) -> list[str]:
+    """`n` pretraining documents of the family of `cfg.task`, none holding a prompt in `exclude`."""
+    return TASKS[cfg.task][1](cfg, n, seed, exclude)
