@@ -3,6 +3,8 @@
 One MLflow parent run per flow run (a retried flow run continues its parent run); one child run
 per stage. Stage results are cached on their keys under `<output_dir>/prefect-results`, so a rerun
 of the same config, or `prefect flow-run retry`, recomputes only what failed and what follows.
+After evaluation each run draws its training curve (`<output_dir>/runs/<MLflow run id>/`, logged
+on the parent run); the Prefect artifact `rft-evaluation` tables the results and links it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rft_core.graders.sandbox import sandbox_warning
 from rft_core.tracking import tags
 from tasks.stages import (
     evaluate_models,
+    plot_training_curve,
     promote,
     register_model,
     reinforce,
@@ -99,6 +102,8 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
             models["rl"] = run(reinforce)(config, split, sft)
         final = models.get("rl", sft)
         evaluation = run(evaluate_models)(config, split, models)
+        # Not a stage (not timed, not cached): the picture belongs to this run, whatever was reused.
+        curve = plot_training_curve(config, models, parent_run_id=parent, tracking_uri=uri)
         summary: dict[str, Any] = {
             "mlflow_run_id": parent,
             "tracking_uri": uri,
@@ -107,6 +112,7 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
             "split": {"train": split.n_train, "validation": split.n_val, "leakage_pairs": split.leakage},
             "rejected": {role: rep["rejected"] for role, rep in data.reports.items()},
             "model_dir": final.model_dir,
+            "training_curve": curve,
         }
         if config.registry.enabled and final.model_uri:
             registered = run(register_model)(config, split, final, evaluation)
@@ -145,5 +151,13 @@ def _report(summary: dict[str, Any], uri: str) -> str:
     if "gate" in summary:
         gate = summary["gate"]
         lines.append(f"Gate: **{'promoted' if gate['promoted'] else 'refused'}**: {gate['reason']}")
-    lines += ["", f"MLflow run `{summary['mlflow_run_id']}` at `{uri}`: {tracking.run_link(summary['mlflow_run_id'], uri)}"]
+    run_id = summary["mlflow_run_id"]
+    if curve := summary.get("training_curve"):
+        name = Path(curve).name
+        lines += [
+            "",
+            f"Training curve: [{curve}]({Path(curve).as_uri()}); in MLflow `runs:/{run_id}/{name}`: "
+            f"{tracking.artifact_link(run_id, name, uri)}",
+        ]
+    lines += ["", f"MLflow run `{run_id}` at `{uri}`: {tracking.run_link(run_id, uri)}"]
     return "\n".join(lines)

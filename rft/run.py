@@ -102,6 +102,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         gate = summary["gate"]
         console.print(f"Gate: {'promoted to champion' if gate['promoted'] else 'refused'}: {gate['reason']}")
     console.print(f"Model directory: {summary['model_dir']}")
+    if "training_curve" in summary:
+        # Unwrapped and unstyled: a path to copy or click, whatever the terminal width.
+        console.print(f"Training curve: {summary['training_curve']}", soft_wrap=True, markup=False, highlight=False)
 
 
 def train_cmd(

@@ -1,4 +1,5 @@
-"""The pipeline's stages as plain functions: validate, split, sft, rl, evaluate, register, promote.
+"""The pipeline's stages as plain functions: validate, split, sft, rl, evaluate, register, promote,
+and the picture of a run's training (`training_curve`).
 
 Each stage takes the config and the small records of the stages before it, works in a directory of
 its own named by its key, tracks itself in MLflow as a child run of the pipeline run (when one is
@@ -336,8 +337,13 @@ def sft_stage(cfg: RFTConfig, split: SplitRecord, track: Tracking | None = None)
     return record
 
 
+# The rl run's table of rollout samples (prompt, completion, reward, sub-rewards) at a few iterations.
+ROLLOUT_SAMPLES = "rollout_samples.json"
+
+
 def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracking | None = None) -> ModelRecord:
-    """PPO or GRPO with the grader, from the warm-up model."""
+    """PPO or GRPO with the grader, from the warm-up model; samples of a few iterations go to the
+    rl run's table `rollout_samples.json`."""
     from rft_core.data import read_items
     from rft_core.rl.trainer import run_rl
 
@@ -347,7 +353,8 @@ def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracki
     started = time.perf_counter()
     with track.stage("rl", {"rl": cfg.rl.model_dump(mode="json"), "grader": cfg.grader.resolved_spec()}) as run_id:
         train, val = read_items(split.train_items), read_items(split.val_items)
-        result = run_rl(cfg, train, val, sft.model_dir, work, log=track.logger(run_id, "rl"))
+        samples = tracking.table_logger(run_id, ROLLOUT_SAMPLES, tracking_uri=track.tracking_uri) if run_id else None
+        result = run_rl(cfg, train, val, sft.model_dir, work, log=track.logger(run_id, "rl"), log_samples=samples)
         record = ModelRecord(key, "rl", result.model_dir, result.metrics, run_id=run_id)
         if run_id and cfg.tracking.log_models:
             record.model_uri = tracking.log_model(
@@ -447,6 +454,10 @@ def register_stage(
     if track.parent_run_id is None or final.model_uri is None:
         raise ValueError("registering needs MLflow tracking and a logged model (tracking.log_models)")
     metrics = {f"eval/{k}": v for k, v in evaluation.metrics[final.stage].items()}
+    description = tracking.version_description(
+        cfg, data_digest=split.val_digest, metrics=evaluation.metrics, split_digest=split.digest,
+        run_id=track.parent_run_id,
+    )
     version = tracking.register_model(
         final.model_uri,
         cfg.registry.model_name,
@@ -454,6 +465,7 @@ def register_stage(
         metrics=metrics,
         data_digest=split.val_digest,
         config_digest=cfg.digest(),
+        description=description,
         tracking_uri=track.tracking_uri,
     )
     return RegisterRecord(cfg.registry.model_name, version, f"models:/{cfg.registry.model_name}/{version}")
@@ -493,3 +505,42 @@ def promote_stage(
             tracking_uri=track.tracking_uri,
         )
     return decision
+
+
+# --------------------------------------------------------------------------- the picture
+
+TRAINING_CURVE = "training_curve.png"
+
+
+def stage_result(record: ModelRecord) -> dict[str, Any]:
+    """The `result.json` a training stage wrote beside its model (`{"metrics", "history"}`), or
+    empty when the record is not a trained model of that stage (SFT off: the base model)."""
+    model_dir = Path(record.model_dir)
+    if model_dir.parent.name != f"{record.stage}-{record.key}":
+        return {}
+    path = model_dir.parent / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def training_curve_path(cfg: RFTConfig, parent_run_id: str | None) -> Path:
+    """Where a pipeline run's picture goes: `<output_dir>/runs/<MLflow parent run id>/`."""
+    return Path(cfg.output_dir).resolve() / "runs" / (parent_run_id or "untracked") / TRAINING_CURVE
+
+
+def training_curve(cfg: RFTConfig, models: dict[str, ModelRecord], track: Tracking | None = None) -> str:
+    """Draw validation accuracy and sampled reward over SFT steps then RL iterations from the
+    stages' `result.json` (on disk, so cached stages draw too); log it on the parent run as
+    `training_curve.png`. The SFT marker is the step RL started from (SFT's chosen metrics)."""
+    from rft_core.curves import plot_training
+
+    track = track or Tracking()
+    sft, rl = (stage_result(models[name]) if name in models else {} for name in ("sft", "rl"))
+    chosen = sft.get("metrics", {}).get("step")
+    path = plot_training(
+        sft.get("history", []), rl.get("history", []), training_curve_path(cfg, track.parent_run_id),
+        sft_chosen_step=None if chosen is None else int(chosen),
+        title=f"Validation during training ({cfg.experiment})",
+    )
+    if track.parent_run_id:
+        tracking.log_artifact(track.parent_run_id, path, tracking_uri=track.tracking_uri)
+    return str(path)

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from rft_core import stages
@@ -125,3 +126,15 @@ def promote(
     """The promotion gate: champion moves only to a better model on the same validation data."""
     _maybe_fail("promote")
     return stages.promote_stage(config, split, registered, _track(parent_run_id, tracking_uri)).to_dict()
+
+
+@task(name="training-curve", cache_policy=NO_CACHE)
+def plot_training_curve(
+    config: RFTConfig,
+    models: dict[str, stages.ModelRecord],
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """The run's picture of validation during SFT and RL; not cached: each pipeline run draws its
+    own (from the stages' histories on disk) and logs it on its own MLflow run."""
+    return stages.training_curve(config, models, _track(parent_run_id, tracking_uri))

@@ -2,13 +2,17 @@
 
 Covers stage tracking, the registry gate through the flow, rerun after a failed stage (cache hits),
 a changed section re-running only its stage and what follows, SIGKILL mid-RL then resume, and
-reloading the registered model with identical logits.
+reloading the registered model with identical logits; what a run shows a person: the training
+curve (file, parent-run artifact, Prefect artifact link, `rft run` output), the rollout samples
+table of the rl run, the registered version's description.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -109,6 +113,90 @@ def test_pipeline_tracks_every_stage_and_promotes_the_first_model(uninterrupted)
         f"time/{stage}": seconds for stage, seconds in summary["seconds"].items()
     }
     assert not [k for k in parent.data.tags if k.startswith("rft.reused.")]  # nothing was cached
+
+
+def assert_training_curve_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert struct.unpack(">II", data[16:24]) == (800, 450) and len(data) > 10_000
+
+
+def evaluation_artifacts() -> list[str]:
+    """The markdown of every `rft-evaluation` artifact the Prefect API holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["rft-evaluation"])))
+    return [artifact.data for artifact in found]
+
+
+def test_the_training_curve_is_drawn_logged_on_the_parent_run_and_linked_from_the_prefect_artifact(
+    uninterrupted, capsys
+):
+    from rft.run import print_summary
+
+    cfg, summary = uninterrupted
+    run_id = summary["mlflow_run_id"]
+    path = Path(summary["training_curve"])
+    assert path == Path(cfg.output_dir).resolve() / "runs" / run_id / "training_curve.png"
+    assert_training_curve_png(path)
+    logged = {a.path: a.file_size for a in MlflowClient(summary["tracking_uri"]).list_artifacts(run_id)}
+    assert logged["training_curve.png"] == path.stat().st_size
+    report = next(markdown for markdown in evaluation_artifacts() if f"runs:/{run_id}/" in markdown)
+    assert f"Training curve: [{path}]({path.as_uri()})" in report
+    assert f"in MLflow `runs:/{run_id}/training_curve.png`: " in report
+    print_summary(summary)
+    assert f"Training curve: {path}\n" in capsys.readouterr().out
+
+
+def test_the_rl_run_has_a_table_of_rollout_samples_from_several_iterations(uninterrupted):
+    _, summary = uninterrupted
+    client = MlflowClient(summary["tracking_uri"])
+    rl = child_runs(client, summary["mlflow_run_id"])["rl"]
+    table = client.load_table(rl.info.experiment_id, "rollout_samples.json", run_ids=[rl.info.run_id])
+    assert {"iteration", "prompt", "completion", "reward", "error", "sub_rewards", "reference"} <= set(table.columns)
+    # rl.iterations=2, eval_interval=0: the first and the last; 4 prompts x 2 samples each.
+    assert table.groupby("iteration").size().to_dict() == {1: 8, 2: 8}
+    assert table["prompt"].str.len().min() > 0 and table["reference"].notna().all()
+    assert table["reward"].between(0, 1).all() and (table["error"] == "").all()
+    assert all(json.loads(text) == {} for text in table["sub_rewards"])  # numeric_match has no sub-graders
+
+
+def test_the_registered_version_says_what_it_is_and_what_the_gate_decided(uninterrupted):
+    _, summary = uninterrupted
+    client = MlflowClient(summary["tracking_uri"])
+    version = client.get_model_version("rft-model", "1")
+    text = version.description
+    assert "| base model | the built-in tiny model (`tiny`: a Llama-style decoder, 2 layers of width 32" in text
+    assert "built-in synthetic arithmetic task" in text
+    assert f"| validation data digest | `{version.tags['data_digest']}` |" in text
+    assert "warm-up SFT then PPO (2 iterations" in text
+    metrics = summary["metrics"]
+    for name, label in (("sft", "SFT"), ("rl", "PPO")):
+        figures = metrics[name]
+        row = f"| {label} | {figures['accuracy']:.4f} | {figures['reward_mean']:.4f} | {figures['sampled_reward_mean']:.4f} |"
+        assert row in text
+    assert f"### Gate\n\n**promoted** to champion on `eval/accuracy`: {summary['gate']['reason']}" in text
+    assert "Not decided yet" not in text
+
+
+def test_rerun_from_the_cli_reuses_every_stage_and_still_draws_and_prints_its_curve(uninterrupted, tmp_path):
+    cfg, first = uninterrupted
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(cfg.to_yaml())
+    result = CliRunner().invoke(app, ["run", "--config", str(config_file)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    printed = [line for line in result.output.splitlines() if line.startswith("Training curve: ")]
+    path = Path(printed[0].removeprefix("Training curve: "))
+    run_id = path.parent.name
+    assert run_id != first["mlflow_run_id"] and path != Path(first["training_curve"])
+    assert_training_curve_png(path)
+    client = MlflowClient(first["tracking_uri"])
+    reused = {k for k in client.get_run(run_id).data.tags if k.startswith("rft.reused.")}
+    assert reused == {f"rft.reused.{stage}" for stage in ("validate", "split", "sft", "rl", "evaluate")}
+    assert "training_curve.png" in {a.path for a in client.list_artifacts(run_id)}
+    assert any(f"runs:/{run_id}/training_curve.png" in markdown for markdown in evaluation_artifacts())
 
 
 def test_registered_champion_reloads_with_identical_logits(uninterrupted):

@@ -238,6 +238,36 @@ def test_artifacts_tables_and_tags(store: str, tmp_path: Path) -> None:
         tracking.log_artifact(run_id, tmp_path / "missing.txt")
 
 
+def test_table_logger_appends_to_one_table_and_a_retry_does_not_repeat_an_iteration(store: str) -> None:
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
+    run_id = tracking.start_stage_run(parent, "rl")
+
+    def rows(iteration: int) -> list[dict[str, object]]:
+        return [{"iteration": iteration, "completion": f"#### {i}", "reward": i / 2} for i in range(2)]
+
+    log_rows = tracking.table_logger(run_id, "rollout_samples.json", tracking_uri=store)
+    log_rows(rows(1))
+    log_rows(rows(2))
+    # A retried stage continues the run: its logger finds iterations 1 and 2 already there.
+    retried = tracking.table_logger(run_id, "rollout_samples.json", tracking_uri=store)
+    retried(rows(2))
+    retried(rows(3))
+
+    c = client(store)
+    table = c.load_table(c.get_run(run_id).info.experiment_id, "rollout_samples.json", run_ids=[run_id])
+    assert table.to_dict("records") == rows(1) + rows(2) + rows(3)
+    assert {"path": "rollout_samples.json", "type": "table"} in json.loads(
+        c.get_run(run_id).data.tags["mlflow.loggedArtifacts"]
+    )
+
+
+def test_artifact_link_is_the_server_page_or_the_ui_command(store: str) -> None:
+    run_id = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
+    assert tracking.artifact_link(run_id, "training_curve.png", store) == (
+        f"`mlflow ui --backend-store-uri {store}`, then run {run_id}, Artifacts, training_curve.png"
+    )
+
+
 def test_datasets_are_logged_as_inputs_with_digest_and_context(store: str, tmp_path: Path) -> None:
     parent = tracking.start_pipeline_run(RFTConfig(experiment="runs-tests"), tracking_uri=store)
     run_id = tracking.start_stage_run(parent, "split")
@@ -325,6 +355,82 @@ def test_gate_promotes_first_version_then_only_a_better_one(store: str, model_ur
     assert tags["gate.champion_value"] == "0.5"
     assert client(store).get_model_version(name, str(v3)).tags["gate.decision"] == "promoted"
     assert gate(name, v3).reason == f"version {v3} is already the champion"
+
+
+def described_config(**sections: object) -> RFTConfig:
+    return RFTConfig.from_dict({"experiment": "registry-tests", **sections})
+
+
+def test_a_registered_version_describes_its_model_task_data_figures_and_pending_gate(
+    store: str, model_uri: str
+) -> None:
+    cfg = described_config()
+    metrics = {
+        "sft": {"accuracy": 0.125, "reward_mean": 0.2, "sampled_reward_mean": 0.15, "items": 16.0},
+        "rl": {"accuracy": 0.25, "reward_mean": 0.3125, "sampled_reward_mean": 0.28, "items": 16.0},
+    }
+    description = tracking.version_description(cfg, data_digest="val-digest-1", metrics=metrics, split_digest="man-1")
+    version = tracking.register_model(model_uri, "described", metrics={"eval/accuracy": 0.25},
+                                      data_digest="val-digest-1", description=description)
+    text = client(store).get_model_version("described", str(version)).description
+    assert text == description
+    assert "built-in tiny model (`tiny`: a Llama-style decoder" in text
+    assert "built-in synthetic arithmetic task" in text and "grader `numeric_match`" in text
+    assert "| validation data digest | `val-digest-1` |" in text and "`man-1`" in text
+    assert "warm-up SFT then PPO (" in text
+    assert "| model | greedy accuracy | mean reward (greedy) | mean reward (sampled) |" in text
+    assert "| SFT | 0.1250 | 0.2000 | 0.1500 |" in text and "| PPO | 0.2500 | 0.3125 | 0.2800 |" in text
+    assert "16 validation items" in text
+    assert text.endswith("### Gate\n\nNot decided yet.")
+
+
+def test_a_described_task_names_its_files_or_hub_model_and_a_run_without_sft_or_rl() -> None:
+    cfg = described_config(
+        model={"name_or_path": "Qwen/Qwen2.5-0.5B-Instruct"}, data={"train_path": "data/train.jsonl"},
+        sft={"enabled": False}, rl={"algorithm": "grpo"},
+    )
+    text = tracking.version_description(cfg, data_digest="d", metrics={"sft": {"accuracy": 0.5}, "rl": {"accuracy": 0.6}})
+    assert "| base model | `Qwen/Qwen2.5-0.5B-Instruct` |" in text and "| task | `data/train.jsonl`;" in text
+    assert "| base (no SFT) | 0.5000 |" in text and "| GRPO | 0.6000 |" in text
+    assert "Reinforcement fine-tuned by rft: GRPO (" in text
+    rank = described_config(data={"synthetic": {"task": "rank"}}, rl={"enabled": False})
+    text = tracking.version_description(rank, data_digest="d", metrics={"sft": {"accuracy": 0.5}})
+    assert "built-in synthetic rank task" in text and "rft: warm-up SFT." in text
+
+
+def test_the_gate_writes_its_decision_into_the_description_each_time_it_decides(
+    store: str, model_uri: str, cli: typer.Typer
+) -> None:
+    name = "described-gate"
+    cfg = described_config()
+    v1, v2 = (
+        tracking.register_model(
+            model_uri, name, metrics={"eval/accuracy": value}, data_digest="val-1",
+            description=tracking.version_description(cfg, data_digest="val-1", metrics={"rl": {"accuracy": value}}),
+        )
+        for value in (0.5, 0.4)
+    )
+    gate(name, v1)
+    refused = gate(name, v2)
+
+    def description(version: int) -> str:
+        return client(store).get_model_version(name, str(version)).description
+
+    first = description(v1)
+    assert "### Gate\n\n**promoted** to champion on `eval/accuracy`: " in first and "Not decided yet" not in first
+    assert first.startswith("Reinforcement fine-tuned by rft")  # the rest of the description is kept
+    second = description(v2)
+    assert f"**refused** (champion unchanged) on `eval/accuracy`: {refused.reason}" in second
+    assert f"This version: 0.4; champion before: v{v1} (0.5)." in second
+    # `rft promote --force` goes through the same function: the gate section is replaced, not added.
+    assert invoke(cli, "promote", name, str(v2), "--force", "--tracking-uri", store).exit_code == 0
+    forced = description(v2)
+    assert forced.count("### Gate") == 1 and "**promoted** to champion" in forced and "refused" not in forced
+    assert forced.split("### Gate")[0] == second.split("### Gate")[0]
+    # A version registered without a description gets the gate section alone.
+    v3 = register(model_uri, name, 0.9)
+    gate(name, v3)
+    assert description(v3).startswith("### Gate\n\n**promoted** to champion")
 
 
 def test_gate_lower_is_better(store: str, model_uri: str) -> None:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from rft_core.checkpoint import (
 from rft_core.config import RFTConfig
 from rft_core.evaluate import validation_metrics
 from rft_core.generation import Sampling, row_seeds
-from rft_core.graders import grade_batch
+from rft_core.graders import GradeResult, grade_batch
 from rft_core.models import (
     add_lora,
     decode,
@@ -82,6 +83,15 @@ _RL_RUN_LENGTH_FIELDS = {
 # What the progress display shows of an iteration's statistics.
 _SHOWN = ("reward_mean", "kl", "val_accuracy", "val_sampled_reward")
 
+# Receives rollout samples (one dict per sample) at the iterations `RLTrainer.samples_due` picks;
+# the stage passes one that appends them to a table of the tracking run.
+SamplesFn = Callable[[list[dict[str, Any]]], None]
+
+# Samples of an iteration handed to `log_samples`: the first ones of the main process's share
+# (whole groups of a prompt's samples when the group size divides it), enough to read, small
+# enough to log every few iterations.
+LOGGED_SAMPLES = 16
+
 
 class RLTrainer:
     """Holds the policy (+ value head), the reference, the optimizer and the data of one RL run."""
@@ -96,6 +106,7 @@ class RLTrainer:
         *,
         grader: Any,
         log: LogFn | None = None,
+        log_samples: SamplesFn | None = None,
         accelerator: Accelerator | None = None,
     ):
         self.cfg, self.rl = cfg, cfg.rl
@@ -104,7 +115,7 @@ class RLTrainer:
         self.init_model = str(init_model)
         self.out_dir = Path(out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.grader, self.log = grader, log
+        self.grader, self.log, self.log_samples = grader, log, log_samples
         device = pick_device(cfg.model.device)
         self.precision = pick_dtype(cfg.model.dtype, device)  # of computation; trained weights: float32
         self.accelerator = accelerator or make_accelerator(device)
@@ -319,7 +330,39 @@ class RLTrainer:
         t3 = time.perf_counter()
         timings.update(generate=t1 - t0, grade=t2 - t1, score=t3 - t2)
         timings["generated_tokens"] = float(sum(len(c) for c in completions))
+        done = iteration + 1  # iterations are numbered from 1 where they are logged
+        if self.log_samples is not None and self.processes.is_main and self.samples_due(done):
+            self.log_samples(self.sample_rows(done, item_idx, texts, results))
         return batch
+
+    def samples_due(self, done: int) -> bool:
+        """Whether iteration `done` (from 1) hands samples to `log_samples`: the first, each one
+        that is validated (every `eval_interval`) and the last."""
+        rl = self.rl
+        return done == 1 or done == rl.iterations or bool(rl.eval_interval and done % rl.eval_interval == 0)
+
+    def sample_rows(
+        self, done: int, item_idx: list[int], texts: list[str], results: list[GradeResult]
+    ) -> list[dict[str, Any]]:
+        """The first `LOGGED_SAMPLES` samples of this process's rollout as table rows: the item's
+        prompt and reference, the completion, its reward (None when the grader failed, with the
+        error), and the sub-graders' rewards as JSON text (one column whatever the grader)."""
+        rows = []
+        for i, text, result in list(zip(item_idx, texts, results, strict=True))[:LOGGED_SAMPLES]:
+            item = self.items[i]
+            rows.append(
+                {
+                    "iteration": done,
+                    "id": str(item.get("id")),
+                    "prompt": item.get("prompt"),
+                    "completion": text,
+                    "reward": result.reward,
+                    "error": "; ".join(result.errors),
+                    "sub_rewards": json.dumps(result.sub_rewards, sort_keys=True),
+                    "reference": item.get("reference"),
+                }
+            )
+        return rows
 
     @torch.no_grad()
     def score(self, batch: Rollout) -> None:
@@ -504,10 +547,15 @@ def run_rl(
     out_dir: str | Path,
     *,
     log: LogFn | None = None,
+    log_samples: SamplesFn | None = None,
     grader: Any | None = None,
     accelerator: Accelerator | None = None,
 ) -> StageResult:
-    """RL (PPO or GRPO, from `cfg.rl`) starting from `init_model`; the result is a full model."""
+    """RL (PPO or GRPO, from `cfg.rl`) starting from `init_model`; the result is a full model.
+    `log_samples` receives rollout samples at some iterations (`RLTrainer.samples_due`)."""
     with stage_grader(cfg, grader) as grader:
-        trainer = RLTrainer(cfg, train, val, init_model, out_dir, grader=grader, log=log, accelerator=accelerator)
+        trainer = RLTrainer(
+            cfg, train, val, init_model, out_dir, grader=grader, log=log, log_samples=log_samples,
+            accelerator=accelerator,
+        )
         return trainer.run()

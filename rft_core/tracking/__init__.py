@@ -7,6 +7,7 @@ One module per concern:
                   artifacts, tables, datasets
     models.py     logging a `save_pretrained` directory as a pyfunc model, loading it back
     registry.py   versions, aliases, the promotion lock, champion history, rollback, listing
+    descriptions.py  a registered version's description: what it is, its figures, the gate's word
     gate.py       the promotion decision, a pure function of numbers and data digests
     promotion.py  `promote`, the one function that moves `champion` (reads, scores, decides, writes)
     tags.py       every tag and alias name rft writes
@@ -19,6 +20,7 @@ The public API is re-exported here, so callers write `from rft_core import track
 from __future__ import annotations
 
 from rft_core.tracking import tags
+from rft_core.tracking.descriptions import version_description
 from rft_core.tracking.errors import RegistryError, TrackingError, TrackingUnavailable
 from rft_core.tracking.gate import GateDecision, Measurement, decide
 from rft_core.tracking.models import _TextGenerator as _TextGenerator
@@ -33,6 +35,7 @@ from rft_core.tracking.registry import (
     set_alias,
 )
 from rft_core.tracking.runs import (
+    artifact_link,
     config_tags,
     end_run,
     ensure_experiment,
@@ -53,6 +56,7 @@ from rft_core.tracking.runs import (
     stage_run,
     start_pipeline_run,
     start_stage_run,
+    table_logger,
 )
 from rft_core.tracking.tags import ALIAS_CHALLENGER, ALIAS_CHAMPION, LOCK_SUFFIX
 from rft_core.tracking.uri import (
@@ -81,6 +85,7 @@ __all__ = [
     "RegistryError",
     "TrackingError",
     "TrackingUnavailable",
+    "artifact_link",
     "champion_version",
     "check_tracking_available",
     "config_tags",
@@ -119,6 +124,8 @@ __all__ = [
     "stage_run",
     "start_pipeline_run",
     "start_stage_run",
+    "table_logger",
     "tags",
     "ui_command",
+    "version_description",
 ]

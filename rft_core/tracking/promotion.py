@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from mlflow import MlflowClient
 
+from rft_core.tracking.descriptions import gate_section, with_gate
 from rft_core.tracking.errors import RegistryError
 from rft_core.tracking.gate import GateDecision, Measurement, comparable, decide, fmt
 from rft_core.tracking.registry import (
@@ -62,7 +63,8 @@ def promote(
     4. Under the registry lock, read the champion again: if another promotion moved it meanwhile,
        go back to 2 against the new one. Else move the alias (and remember the old champion for
        `rollback`) and tag the version `gate.decision` (promoted or refused), `gate.reason`,
-       `gate.metric`, `gate.champion_version`, `gate.champion_value`, `gate.time`.
+       `gate.metric`, `gate.champion_version`, `gate.champion_value`, `gate.time`; the gate
+       section of its description says the same in words (`descriptions.with_gate`).
 
     A version that is already champion is returned as refused, with nothing written.
     """
@@ -98,15 +100,19 @@ def promote(
                 client.set_registered_model_alias(name, ALIAS_CHAMPION, str(version))
                 if champion is not None:
                     set_champion_history(client, name, [*champion_history(client, name), champion])
+            when = now_iso()
             for key, value in {
                 GATE_DECISION: "promoted" if decision.promoted else "refused",
                 GATE_REASON: decision.reason,
                 GATE_METRIC: metric,
                 GATE_CHAMPION_VERSION: "none" if champion is None else str(champion),
                 GATE_CHAMPION_VALUE: fmt(decision.champion_value),
-                GATE_TIME: now_iso(),
+                GATE_TIME: when,
             }.items():
                 client.set_model_version_tag(name, str(version), key, value)
+            description = client.get_model_version(name, str(version)).description
+            section = gate_section(decision, metric, when)
+            client.update_model_version(name, str(version), description=with_gate(description, section))
         return decision
     raise RegistryError(
         f"the champion of {name!r} kept changing during {_MAX_RACES} attempts to gate version {version}"

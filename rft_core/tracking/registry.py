@@ -124,13 +124,15 @@ def register_model(
     metrics: Mapping[str, float] | None = None,
     data_digest: str | None = None,
     config_digest: str | None = None,
+    description: str | None = None,
     tracking_uri: str | None = None,
 ) -> int:
     """Register `model_uri` as a new version of `name`, tag it, point alias `challenger` at it.
 
     Tags: `metric.<key>` for each validation metric (the gate reads these), `data_digest` (of the
     validation data the metrics were measured on), `config_digest` and `git_commit` (given, else
-    taken from the run `run_id` or its pipeline run), plus `tags`.
+    taken from the run `run_id` or its pipeline run), plus `tags`. `description`: the version's
+    markdown description (`descriptions.version_description`), shown on its registry page.
     """
     client = mlflow_client(tracking_uri)
     version_tags: dict[str, str] = {}
@@ -154,6 +156,8 @@ def register_model(
     version_tags.update({k: str(v) for k, v in (tags or {}).items()})
     mv = mlflow.register_model(model_uri, name, tags=version_tags)
     version = int(mv.version)
+    if description is not None:
+        client.update_model_version(name, str(version), description=description)
     client.set_registered_model_alias(name, ALIAS_CHALLENGER, str(version))
     return version
 

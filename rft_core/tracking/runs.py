@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import posixpath
 import re
 import subprocess
 import time
@@ -408,6 +409,46 @@ def log_table(
     so a retried stage that logs the same file again adds its rows.
     """
     mlflow_client(tracking_uri).log_table(run_id, data=pd.DataFrame(list(rows)), artifact_file=artifact_file)
+
+
+def table_logger(
+    run_id: str, artifact_file: str, *, key: str = "iteration", tracking_uri: str | None = None
+) -> Callable[[Sequence[Mapping[str, Any]]], None]:
+    """A `log_rows(rows)` for training code: each call appends its rows to the one table
+    `artifact_file` of the run (`log_table`: MLflow appends to a table that exists).
+
+    Rows whose `key` value the table already holds are not logged again: a retried stage that
+    continues its run redoes the iterations after its last checkpoint with the same seeded
+    samples, and the table keeps one copy of each.
+    """
+    client = mlflow_client(tracking_uri)
+    logged: set[Any] = set()
+    folder = posixpath.dirname(posixpath.normpath(artifact_file)) or None
+    if artifact_file in {a.path for a in client.list_artifacts(run_id, folder)}:
+        experiment_id = client.get_run(run_id).info.experiment_id
+        existing = client.load_table(experiment_id, artifact_file, run_ids=[run_id])
+        if key in existing.columns:
+            logged.update(existing[key].tolist())
+
+    def log_rows(rows: Sequence[Mapping[str, Any]]) -> None:
+        new = [row for row in rows if row[key] not in logged]
+        if new:
+            log_table(run_id, new, artifact_file, tracking_uri=tracking_uri)
+            logged.update(row[key] for row in new)
+
+    return log_rows
+
+
+def artifact_link(run_id: str, artifact_path: str, tracking_uri: str) -> str:
+    """Where a person finds an artifact of a run: its page on a tracking server, else the
+    `mlflow ui` command and where to click."""
+    if is_http(tracking_uri):
+        run = mlflow_client(tracking_uri).get_run(run_id)
+        return (
+            f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+            f"/artifactPath/{artifact_path}"
+        )
+    return f"`{ui_command(tracking_uri)}`, then run {run_id}, Artifacts, {artifact_path}"
 
 
 def log_dataset(
