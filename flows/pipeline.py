@@ -103,7 +103,13 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
         final = models.get("rl", sft)
         evaluation = run(evaluate_models)(config, split, models)
         # Not a stage (not timed, not cached): the picture belongs to this run, whatever was reused.
-        curve = plot_training_curve(config, models, parent_run_id=parent, tracking_uri=uri)
+        # A picture that cannot be drawn is reported, and does not cost the run its registration.
+        curve_state = plot_training_curve(
+            config, models, parent_run_id=parent, tracking_uri=uri, return_state=True
+        )
+        curve = curve_state.result() if curve_state.is_completed() else None
+        if curve is None:
+            log.warning("the training curve could not be drawn: %s", curve_state.message)
         summary: dict[str, Any] = {
             "mlflow_run_id": parent,
             "tracking_uri": uri,
