@@ -65,7 +65,7 @@ def plot_training(
     if chosen is not None and "val_accuracy" in chosen:
         x, y = float(chosen["step"]), float(chosen["val_accuracy"])
         ax.scatter([x], [y], s=90, facecolors="none", edgecolors="black", zorder=5)
-        ax.annotate(f"SFT best {100 * y:.1f}%", (x, y), textcoords="offset points", xytext=(-10, 12), ha="right")
+        ax.annotate(f"SFT best {100 * y:.1f}%", (x, y), textcoords="offset points", xytext=(6, 10), ha="left")
     final = next((h for h in reversed(rl_history) if "val_accuracy" in h), None)
     if final is not None:
         x, y = sft_end + float(final["step"]), float(final["val_accuracy"])
