@@ -82,11 +82,29 @@ def _fsdp2() -> tuple[Any, type]:
     return fully_shard, FSDPModule
 
 
+FSDP_TESTED_TRANSFORMERS = (5, 24)
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor, *_ = (text.split("+")[0].split(".") + ["0", "0"])
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def shard(model: torch.nn.Module, plugin: Any) -> None:
     """FSDP2 (`fully_shard`) in place: each decoder layer is one unit (the classes the model names
     in `_no_split_modules`, or the accelerate config's `fsdp_transformer_layer_cls_to_wrap`), the
     rest of `model` (embeddings, final norm, LM head, value head) the root unit."""
     fully_shard, _ = _fsdp2()
+    import transformers
+
+    if _version(transformers.__version__) < FSDP_TESTED_TRANSFORMERS:
+        # Not a guess: with transformers 4.56, 4.57 and 5.0 the 2-process FSDP test ended with NaN
+        # weights (the same test passes with 5.24); nothing between was tried.
+        raise RuntimeError(
+            f"FSDP is tested with transformers >= {'.'.join(map(str, FSDP_TESTED_TRANSFORMERS))} only "
+            f"(this is {transformers.__version__}: older releases gave NaN weights under rft's FSDP "
+            "test); upgrade transformers, or train without FSDP (data parallel)"
+        )
 
     names = plugin.transformer_cls_names_to_wrap or []
     names = set(names.split(",") if isinstance(names, str) else names)
