@@ -511,7 +511,16 @@ def test_cron_schedules_create_scheduled_runs(ops: Ops, deployed: dict[str, Any]
 
 def test_pipeline_deployment_trains_and_registers_champion(ops: Ops, first_pipeline: uuid.UUID) -> None:
     states = stage_states(ops.task_runs(first_pipeline), attempt=1)
-    assert list(states) == ["validate", "split", "sft", "rl", "evaluate", "register", "promote"]
+    assert list(states) == [
+        "validate",
+        "split",
+        "sft",
+        "rl",
+        "evaluate",
+        "training-curve",
+        "register",
+        "promote",
+    ]
     versions = ops.versions()
     assert versions, "no version registered"
     first = versions[0]
@@ -527,6 +536,9 @@ def test_pipeline_deployment_trains_and_registers_champion(ops: Ops, first_pipel
     )
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "eval/accuracy" in runs[0].data.metrics
+    # The deployed run draws its training curve onto the parent run too.
+    artifacts = [a.path for a in ops.mlflow().list_artifacts(runs[0].info.run_id)]
+    assert "training_curve.png" in artifacts, artifacts
 
 
 def test_retry_of_failed_run_reruns_only_the_failed_stage_and_after(
@@ -558,6 +570,7 @@ def test_retry_of_failed_run_reruns_only_the_failed_stage_and_after(
         "sft": "Cached",
         "rl": "Completed",
         "evaluate": "Completed",
+        "training-curve": "Completed",
         "register": "Completed",
         "promote": "Completed",
     }
