@@ -101,6 +101,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             "rl": {
                 "algorithm": spec["algorithm"],
                 "iterations": spec["iterations"],
+                "critic_warmup": 0,  # throughput: every iteration a full update, as TRL's
                 "prompts_per_iteration": spec["prompts"],
                 "samples_per_prompt": spec["samples"],
                 "minibatch_size": spec["minibatch"],
@@ -109,6 +110,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
                 "temperature": spec["temperature"],
                 "kl_coef": spec["kl_coef"],
                 "lr": spec["lr"],
+                "lr_scheduler": "constant",
                 "eval_interval": 0,
                 "checkpoint_interval": 0,
                 "seed": spec["seed"],

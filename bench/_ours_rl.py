@@ -37,6 +37,7 @@ def main(spec_path: str, out_path: str) -> None:
             "rl": {
                 "algorithm": spec["algorithm"],
                 "iterations": spec["iterations"],
+                "critic_warmup": 0,  # throughput: every iteration a full update, as TRL's
                 "prompts_per_iteration": spec["prompts_per_iteration"],
                 "samples_per_prompt": spec["samples_per_prompt"],
                 "minibatch_size": spec["minibatch_size"],
@@ -45,6 +46,7 @@ def main(spec_path: str, out_path: str) -> None:
                 "temperature": spec["temperature"],
                 "kl_coef": spec["kl_coef"],
                 "lr": spec["lr"],
+                "lr_scheduler": "constant",
                 "vf_coef": spec["vf_coef"],
                 "eval_interval": 0,
                 "checkpoint_interval": 0,

@@ -269,10 +269,10 @@ class RLConfig(Section):
     generation_batch_size: int = Field(
         256, ge=1, description="Completions generated together (prompts x samples per call)."
     )
-    lr: float = Field(1e-4, gt=0.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(2e-4, gt=0.0, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear lr warm-up.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "constant",
+        "cosine",
         description="Decay over iterations after warm-up: iteration i of n trains at lr x 1 "
         "(constant), 1 - i/n (linear) or (1 + cos(pi i/n))/2 (cosine).",
     )
@@ -295,10 +295,11 @@ class RLConfig(Section):
     )
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
     critic_warmup: int = Field(
-        0, ge=0,
+        10, ge=0,
         description="PPO: for the first N iterations train only the value head (the policy's trunk "
         "frozen, no policy loss), so that the critic's values mean something before they shape the "
-        "policy's advantages (verl's critic_warmup). The head starts at 0.",
+        "policy's advantages (verl's critic_warmup). The head starts at 0. Must be below "
+        "rl.iterations (0 for short runs); GRPO has no critic and ignores it.",
     )
     filter_flat_groups: bool = Field(
         False,
@@ -330,6 +331,16 @@ class RLConfig(Section):
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     seed: int = Field(0, description="Seed of prompt order and sampling.")
 
+    @model_validator(mode="after")
+    def _policy_trains(self) -> RLConfig:
+        if self.algorithm == "ppo" and self.critic_warmup >= self.iterations:
+            raise ValueError(
+                f"critic_warmup ({self.critic_warmup}) leaves no iteration of rl.iterations "
+                f"({self.iterations}) to train the policy: set rl.critic_warmup below it "
+                "(rl.critic_warmup=0 for a short run)"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------- grading, evaluation
 
@@ -339,7 +350,7 @@ DEFAULT_GRADER: dict[str, Any] = {
     "name": "answer",
     "input": "{{ sample.output_text }}",
     "reference": "{{ item.reference }}",
-    "partial_credit": 0.0,
+    "partial_credit": 0.1,
 }
 
 

@@ -21,7 +21,7 @@ CONFIG = {
     "sft": {"batch_size": 4, "max_steps": 4, "checkpoint_interval": 0, "keep_best": False},
     "eval": {"max_items": 8, "max_new_tokens": 16},
     "rl": {"iterations": 1, "prompts_per_iteration": 4, "samples_per_prompt": 2, "minibatch_size": 8,
-           "ppo_epochs": 1, "max_new_tokens": 16, "eval_interval": 0, "lr": 1e-3},
+           "ppo_epochs": 1, "max_new_tokens": 16, "eval_interval": 0, "lr": 1e-3, "critic_warmup": 0},
     "grader": {"spec": {"type": "numeric_match", "partial_credit": 0.1}},
 }
 

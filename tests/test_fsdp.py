@@ -37,7 +37,7 @@ CONFIG = {
     "eval": {"max_items": 8, "max_new_tokens": 16},
     "rl": {"prompts_per_iteration": 4, "samples_per_prompt": 2, "minibatch_size": 8, "ppo_epochs": 1,
            "max_new_tokens": 16, "eval_interval": 0, "checkpoint_interval": 1, "keep_best": False,
-           "lr_scheduler": "constant", "lr": 1e-3},
+           "lr_scheduler": "constant", "lr": 1e-3, "critic_warmup": 0},
     "grader": {"spec": {"type": "numeric_match", "partial_credit": 0.1}},
 }
 

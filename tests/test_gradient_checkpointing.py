@@ -22,7 +22,8 @@ from rft_core.rl.trainer import RLTrainer
 MODEL = ["model.tiny.pretrain_steps=0", "model.tiny.num_layers=6", "model.tiny.hidden_size=64",
          "model.tiny.num_heads=4", "model.tiny.intermediate_size=256"]
 RL = ["rl.iterations=1", "rl.prompts_per_iteration=4", "rl.samples_per_prompt=4", "rl.minibatch_size=16",
-      "rl.ppo_epochs=1", "rl.max_new_tokens=64", "rl.shared_prompt_forward=false", "rl.kl_coef=0.05"]
+      "rl.ppo_epochs=1", "rl.max_new_tokens=64", "rl.shared_prompt_forward=false", "rl.kl_coef=0.05",
+      "rl.critic_warmup=0"]
 SIMILARITY = {"type": "text_similarity", "name": "sim", "evaluation_metric": "fuzzy_match",
               "input": "{{ sample.output_text }}", "reference": "Ann has 9 pens. 9+13=22. #### 22"}
 

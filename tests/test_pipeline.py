@@ -34,7 +34,8 @@ TINY = {
                        "vocab_size": 320, "pretrain_steps": 5}},
     "sft": {"batch_size": 8, "max_steps": 6, "checkpoint_interval": 3},
     "rl": {"iterations": 2, "prompts_per_iteration": 4, "samples_per_prompt": 2, "minibatch_size": 8,
-           "max_new_tokens": 24, "eval_interval": 0, "checkpoint_interval": 1, "lr": 1e-3},
+           "max_new_tokens": 24, "eval_interval": 0, "checkpoint_interval": 1, "lr": 1e-3,
+           "critic_warmup": 0},
     "eval": {"max_new_tokens": 24, "k": 2},
     "grader": {"spec": {"type": "numeric_match", "partial_credit": 0.1}},
 }

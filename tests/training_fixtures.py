@@ -23,6 +23,7 @@ TINY = [
     "sft.checkpoint_interval=2",
     "sft.lr=3e-3",
     "rl.iterations=2",
+    "rl.critic_warmup=0",
     "rl.prompts_per_iteration=4",
     "rl.samples_per_prompt=2",
     "rl.minibatch_size=4",
