@@ -41,6 +41,16 @@ def test_bad_values_and_files_are_clear_errors(tmp_path):
         RFTConfig.from_yaml(bad)
 
 
+def test_a_critic_warm_up_that_leaves_the_policy_no_iteration_is_refused():
+    # The default 10 value-only iterations would make a 5-iteration smoke run train nothing.
+    with pytest.raises(ConfigError, match=r"critic_warmup \(10\) leaves no iteration of rl.iterations \(5\).*"
+                       r"rl.critic_warmup=0 for a short run"):
+        RFTConfig.load(None, ["rl.iterations=5"])
+    assert RFTConfig.load(None, ["rl.iterations=11"]).rl.critic_warmup == 10
+    assert RFTConfig.load(None, ["rl.iterations=5", "rl.critic_warmup=0"]).rl.iterations == 5
+    assert RFTConfig.load(None, ["rl.iterations=5", "rl.algorithm=grpo"]).rl.critic_warmup == 10  # no critic
+
+
 def test_yaml_round_trip_and_section_digests(tmp_path):
     cfg = RFTConfig.load(None, ["rl.lr=1e-4"])
     path = tmp_path / "c.yaml"
