@@ -166,6 +166,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import trl
+    from _worker_common import trl_grpo_settings
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -247,36 +248,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             use_cpu=device == "cpu",
             bf16=dtype == torch.bfloat16,
             fp16=False,
-            gradient_checkpointing=spec["gradient_checkpointing"],
             model_init_kwargs={"dtype": weights_dtype},
-            per_device_train_batch_size=m,
-            gradient_accumulation_steps=1,
-            generation_batch_size=p * k,
-            num_generations=k,
-            num_iterations=e,
-            max_completion_length=spec["max_new_tokens"],
-            temperature=spec["temperature"],
-            top_p=1.0,
-            top_k=0,
-            beta=spec["kl_coef"],
-            epsilon=0.2,
-            loss_type="dapo",
-            scale_rewards="group",
-            learning_rate=spec["lr"],
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            adam_epsilon=1e-5,
-            max_grad_norm=1.0,
-            max_steps=spec["iterations"] * steps_per_iteration,
-            shuffle_dataset=False,
-            seed=spec["seed"],
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
             logging_steps=steps_per_iteration,
+            **trl_grpo_settings(spec, minibatch=m, prompts=p, group=k, epochs=e,
+                                steps_per_iteration=steps_per_iteration,
+                                gradient_checkpointing=spec["gradient_checkpointing"]),
         )
         t0 = time.perf_counter()
         trainer = GRPOTrainer(

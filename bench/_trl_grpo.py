@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _worker_common import Clock, now, pin_threads, rss_mb, throughput, write_result
+from _worker_common import Clock, now, pin_threads, rss_mb, throughput, trl_grpo_settings, write_result
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -70,35 +70,10 @@ def main(spec_path: str, out_path: str) -> None:
             use_cpu=True,
             bf16=False,
             fp16=False,
-            gradient_checkpointing=spec["trl_gradient_checkpointing"],
             model_init_kwargs={"dtype": torch.float32},
-            per_device_train_batch_size=m,
-            gradient_accumulation_steps=1,
-            generation_batch_size=p * k,
-            num_generations=k,
-            num_iterations=e,
-            max_completion_length=spec["max_new_tokens"],
-            temperature=spec["temperature"],
-            top_p=1.0,
-            top_k=0,
-            beta=spec["kl_coef"],
-            epsilon=0.2,
-            loss_type="dapo",  # token-level sum over the optimizer step's tokens: our normalisation
-            scale_rewards="group",
-            learning_rate=spec["lr"],
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            adam_epsilon=1e-5,
-            max_grad_norm=1.0,
-            max_steps=spec["iterations"] * steps_per_iteration,
-            shuffle_dataset=False,
-            seed=spec["seed"],
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
+            **trl_grpo_settings(spec, minibatch=m, prompts=p, group=k, epochs=e,
+                                steps_per_iteration=steps_per_iteration,
+                                gradient_checkpointing=spec["trl_gradient_checkpointing"]),
         )
         trainer = GRPOTrainer(
             model=spec["model_dir"],

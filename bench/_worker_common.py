@@ -97,3 +97,43 @@ class Clock:
 def write_result(path: str | Path, payload: dict[str, Any]) -> None:
     payload = {**payload, "peak_rss_mb": peak_rss_mb()}
     Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def trl_grpo_settings(
+    spec: dict[str, Any], *, minibatch: int, prompts: int, group: int, epochs: int, steps_per_iteration: int,
+    gradient_checkpointing: bool,
+) -> dict[str, Any]:
+    """`GRPOConfig` keyword arguments that make TRL's GRPO do what `RLTrainer`'s does (both benches):
+    one optimizer step per minibatch, no accumulation, token-level loss (`dapo`, our normalisation),
+    group-std scaling, constant lr, AdamW eps 1e-5, clip 1, prompts in the order given, no eval,
+    no checkpoints. The caller adds where it runs (device, precision, output dir)."""
+    return {
+        "gradient_checkpointing": gradient_checkpointing,
+        "per_device_train_batch_size": minibatch,
+        "gradient_accumulation_steps": 1,
+        "generation_batch_size": prompts * group,
+        "num_generations": group,
+        "num_iterations": epochs,
+        "max_completion_length": spec["max_new_tokens"],
+        "temperature": spec["temperature"],
+        "top_p": 1.0,
+        "top_k": 0,
+        "beta": spec["kl_coef"],
+        "epsilon": 0.2,
+        "loss_type": "dapo",  # token-level sum over the optimizer step's tokens: our normalisation
+        "scale_rewards": "group",
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "adam_epsilon": 1e-5,
+        "max_grad_norm": 1.0,
+        "max_steps": spec["iterations"] * steps_per_iteration,
+        "shuffle_dataset": False,
+        "seed": spec["seed"],
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
