@@ -184,7 +184,8 @@ def test_numeric_match_numeric_item_values_and_custom_fields():
 def test_default_grader_is_numeric_match_on_item_reference():
     grader = build_grader(DEFAULT_GRADER)
     assert grader.name == "answer"
-    assert [grader.grade(s, {"reference": "18"}).reward for s in ("#### 18", "#### 17", "none")] == [1.0, 0.0, 0.0]
+    # ReFT's partial credit: 0.1 for a wrong number the grader could read, 0 when it read none.
+    assert [grader.grade(s, {"reference": "18"}).reward for s in ("#### 18", "#### 17", "none")] == [1.0, 0.1, 0.0]
 
 
 def test_extraction_helpers_keep_their_behaviour():

@@ -70,7 +70,8 @@ def test_files_through_the_data_layer_for_csv(tmp_path):
     samples = write_jsonl(tmp_path / "samples.jsonl", ["#### 4", "#### 7"])
     result = invoke("--data", str(data), "--samples", str(samples))
     assert result.exit_code == 0, result.output
-    assert "mean reward: 0.5000" in result.stdout
+    # No --grader: the default grader, numeric_match with ReFT's partial credit 0.1 (1.0 and 0.1).
+    assert "mean reward: 0.5500" in result.stdout
 
 
 def test_validate_exit_codes(tmp_path):
