@@ -102,8 +102,14 @@ def numeric_grader(cfg: RFTConfig) -> bool:
     return cfg.grader.resolved_spec().get("type") == "numeric_match"
 
 
+def stage_path(cfg: RFTConfig, stage: str, key: str) -> Path:
+    """The working directory of a stage's run with key `key`."""
+    return Path(cfg.output_dir).resolve() / "stages" / f"{stage}-{key}"
+
+
 def stage_dir(cfg: RFTConfig, stage: str, key: str) -> Path:
-    path = Path(cfg.output_dir).resolve() / "stages" / f"{stage}-{key}"
+    """`stage_path`, created."""
+    path = stage_path(cfg, stage, key)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -512,13 +518,10 @@ def promote_stage(
 TRAINING_CURVE = "training_curve.png"
 
 
-def stage_result(record: ModelRecord) -> dict[str, Any]:
-    """The `result.json` a training stage wrote beside its model (`{"metrics", "history"}`), or
-    empty when the record is not a trained model of that stage (SFT off: the base model)."""
-    model_dir = Path(record.model_dir)
-    if model_dir.parent.name != f"{record.stage}-{record.key}":
-        return {}
-    path = model_dir.parent / "result.json"
+def stage_result(cfg: RFTConfig, record: ModelRecord) -> dict[str, Any]:
+    """The `result.json` a training stage wrote in its directory (`{"metrics", "history"}`), or
+    empty when it trained nothing (SFT off: the record is the base model)."""
+    path = stage_path(cfg, record.stage, record.key) / "result.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -534,7 +537,7 @@ def training_curve(cfg: RFTConfig, models: dict[str, ModelRecord], track: Tracki
     from rft_core.curves import plot_training
 
     track = track or Tracking()
-    sft, rl = (stage_result(models[name]) if name in models else {} for name in ("sft", "rl"))
+    sft, rl = (stage_result(cfg, models[name]) if name in models else {} for name in ("sft", "rl"))
     chosen = sft.get("metrics", {}).get("step")
     path = plot_training(
         sft.get("history", []), rl.get("history", []), training_curve_path(cfg, track.parent_run_id),

@@ -82,12 +82,7 @@ def _fsdp2() -> tuple[Any, type]:
     return fully_shard, FSDPModule
 
 
-FSDP_TESTED_TRANSFORMERS = (5, 24)
-
-
-def _version(text: str) -> tuple[int, int]:
-    major, minor, *_ = (text.split("+")[0].split(".") + ["0", "0"])
-    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+FSDP_TESTED_TRANSFORMERS = (5, 24)  # release numbers: a 5.24 dev build counts as 5.24
 
 
 def shard(model: torch.nn.Module, plugin: Any) -> None:
@@ -96,8 +91,9 @@ def shard(model: torch.nn.Module, plugin: Any) -> None:
     rest of `model` (embeddings, final norm, LM head, value head) the root unit."""
     fully_shard, _ = _fsdp2()
     import transformers
+    from packaging.version import Version
 
-    if _version(transformers.__version__) < FSDP_TESTED_TRANSFORMERS:
+    if Version(transformers.__version__).release < FSDP_TESTED_TRANSFORMERS:
         # Not a guess: with transformers 4.56, 4.57 and 5.0 the 2-process FSDP test ended with NaN
         # weights (the same test passes with 5.24); nothing between was tried.
         raise RuntimeError(

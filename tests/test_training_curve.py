@@ -70,7 +70,7 @@ def test_the_curve_is_drawn_from_both_stages_with_the_sft_step_rl_started_from(c
 def test_without_sft_the_base_model_has_no_history_and_rl_alone_is_drawn(cfg, tmp_path):
     base = stages.ModelRecord("s0", "sft", str(tmp_path / "cache" / "tiny-abc"))  # SFT off: the base model
     rl = trained(cfg, "rl", "r2", RL_HISTORY, RL_HISTORY[-1])
-    assert stages.stage_result(base) == {}
+    assert stages.stage_result(cfg, base) == {}
     path = Path(stages.training_curve(cfg, {"sft": base, "rl": rl}))
     assert png_size(path) == (800, 450)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 
@@ -63,3 +64,13 @@ def test_checkpoints_rank_by_accuracy_then_reward_then_lower_loss():
     b = {"val_accuracy": 0.5, "val_reward_mean": 0.1, "val_loss": 1.0}
     c = {"val_accuracy": 0.4, "val_reward_mean": 0.9, "val_loss": 0.1}
     assert selection_key(b) > selection_key(a) > selection_key(c)
+
+
+def test_fsdp_is_refused_on_transformers_releases_older_than_the_tested_one(monkeypatch):
+    import transformers
+
+    from rft_core import training
+
+    monkeypatch.setattr(transformers, "__version__", "5.0.0")
+    with pytest.raises(RuntimeError, match=r"FSDP is tested with transformers >= 5.24 only \(this is 5.0.0"):
+        training.shard(torch.nn.Linear(2, 2), plugin=None)

@@ -167,11 +167,12 @@ def _has_tokenizer(path: Path) -> bool:
 
 def _load_pretrained(model_path: str | Path, fmt: str, base_model: str | Path | None) -> tuple[Any, Any]:
     import transformers
+    from packaging.version import Version
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Weights come back in the dtype they were saved in (transformers 5 does this by default;
     # 4.x would upcast a bfloat16 checkpoint to float32 and change the logits).
-    dtype = {} if int(transformers.__version__.split(".")[0]) >= 5 else {"torch_dtype": "auto"}
+    dtype = {} if Version(transformers.__version__).major >= 5 else {"torch_dtype": "auto"}
     model_path = Path(model_path)
     if fmt == _FORMAT_ADAPTER:
         from peft import PeftModel
