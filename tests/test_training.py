@@ -327,6 +327,31 @@ def test_a_minibatch_without_its_padding_columns_scores_as_the_full_width_does(t
     assert torch.allclose(full * mask[rows, :width], trimmed * mask[rows, :width], atol=1e-5)
 
 
+def test_the_rollout_scores_rows_in_length_order_as_full_width_scoring_does(task, tmp_path, grader):
+    """The scoring pass runs chunks of rows of similar lengths, trimmed of their padding; every
+    row's numbers are those of scoring the whole batch at full width, in its own place."""
+    from rft_core.rl.rollout import score_tokens
+
+    cfg, train, val, model_dir = task
+    cfg = tiny_config(tmp_path, "rl.iterations=1", "rl.kl_coef=0.05", "rl.minibatch_size=4")
+    trainer = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl", grader=grader)
+    batch = trainer.rollout(0, {})
+    k = cfg.rl.samples_per_prompt
+    order = batch.by_length(k)
+    assert sorted(order.tolist()) == list(range(len(batch.texts)))
+    assert all(set(order[i : i + k].tolist()) == set(range(order[i].item() // k * k, order[i].item() // k * k + k))
+               for i in range(0, len(order), k))  # the samples of a prompt stay together
+    longest = batch.response_mask.sum(1).view(-1, k).amax(1)[order[::k] // k]
+    assert torch.equal(longest, longest.sort().values)
+    mask = batch.response_mask
+    with torch.no_grad():
+        lp, values, ent = trainer.module(batch.input_ids, batch.attention_mask, batch.response_length, 1.0)
+        ref = score_tokens(trainer.reference, batch.input_ids, batch.attention_mask, batch.response_length)[0]
+    for mine, full in ((batch.logprobs, lp), (batch.values, values), (batch.entropy, ent), (batch.ref_logprobs, ref)):
+        assert mine.shape == full.shape
+        assert torch.allclose(mine * mask, full * mask, atol=1e-5)
+
+
 def test_critic_warmup_trains_the_value_head_alone_then_the_policy(task, tmp_path, grader):
     cfg, train, val, model_dir = task
     cfg = tiny_config(tmp_path, "rl.iterations=2", "rl.critic_warmup=1")

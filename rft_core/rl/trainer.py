@@ -367,23 +367,27 @@ class RLTrainer:
     @torch.no_grad()
     def score(self, batch: Rollout) -> None:
         """Fill in the sampled tokens' log-probabilities and entropy under the policy, the critic's
-        values and the reference's log-probabilities, in minibatches."""
+        values and the reference's log-probabilities, in chunks of rows of similar lengths
+        (`Rollout.by_length`) trimmed of their common padding; positions past a chunk's width
+        (padding in every row of it) are 0."""
         model, device = self.processes.unwrap(self.model), self.processes.device
-        logprobs, values, entropy, ref = [], [], [], []
-        for start in range(0, len(batch.texts), self.minibatch_local):
-            sl = slice(start, start + self.minibatch_local)
-            ids, am = batch.input_ids[sl].to(device), batch.attention_mask[sl].to(device)
-            lp, v, ent = model(ids, am, batch.response_length, Sampling.of(self.rl), self.group)
-            logprobs.append(lp.cpu())
-            entropy.append(ent.cpu())
-            if v is not None:
-                values.append(v.cpu())
-            r = self.reference_logprobs(ids, am, batch.response_length)
-            if r is not None:
-                ref.append(r.cpu())
-        batch.logprobs, batch.entropy = torch.cat(logprobs), torch.cat(entropy)
-        batch.values = torch.cat(values) if values else None
-        batch.ref_logprobs = torch.cat(ref) if ref else None
+        n, width_r = len(batch.texts), batch.response_length
+        logprobs, entropy = torch.zeros(n, width_r), torch.zeros(n, width_r)
+        values = torch.zeros(n, width_r) if self.algorithm.value_head else None
+        ref = torch.zeros(n, width_r) if self._needs_reference() else None
+        order = batch.by_length(self.group)
+        for start in range(0, n, self.minibatch_local):
+            rows = order[start : start + self.minibatch_local]
+            input_ids, attention_mask, width = batch.minibatch(rows)
+            ids, am = input_ids.to(device), attention_mask.to(device)
+            lp, v, ent = model(ids, am, width, Sampling.of(self.rl), self.group)
+            logprobs[rows, :width], entropy[rows, :width] = lp.float().cpu(), ent.float().cpu()
+            if values is not None and v is not None:
+                values[rows, :width] = v.float().cpu()
+            r = self.reference_logprobs(ids, am, width)
+            if ref is not None and r is not None:
+                ref[rows, :width] = r.float().cpu()
+        batch.logprobs, batch.entropy, batch.values, batch.ref_logprobs = logprobs, entropy, values, ref
 
     def reference_logprobs(self, input_ids, attention_mask, length) -> torch.Tensor | None:
         """Log-probabilities of the sampled tokens under the warm-up model (None without a KL term)."""
