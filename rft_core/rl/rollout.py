@@ -230,8 +230,7 @@ class Rollout:
         prompt_width = self.input_ids.shape[1] - self.response_length
         response = self.response_mask.sum(1).view(-1, group_size).amax(1)
         prompt = self.attention_mask[:, :prompt_width].sum(1).view(-1, group_size).amax(1)
-        groups = torch.argsort(response * (prompt_width + 1) + prompt, stable=True)
-        return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+        return group_rows(torch.argsort(response * (prompt_width + 1) + prompt, stable=True), group_size)
 
     def minibatch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """input_ids, attention_mask and response width of `rows`, without the columns that are
@@ -244,6 +243,11 @@ class Rollout:
         first = int((prompt_mask.sum(0) > 0).nonzero().min().item()) if prompt_mask.any() else 0
         end = prompt_width + width
         return self.input_ids[rows, first:end], attention_mask[:, first:end], width
+
+
+def group_rows(groups: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The rows of `groups` (indices of groups of `group_size` consecutive rows), in that order."""
+    return (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
 
 
 def pack(

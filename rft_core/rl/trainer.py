@@ -54,7 +54,7 @@ from rft_core.progress import progress
 from rft_core.rl.advantages import flat_groups
 from rft_core.rl.algorithms import ALGORITHMS, Estimate
 from rft_core.rl.losses import LOSS_STATS, LossOutput, ppo_losses
-from rft_core.rl.rollout import PolicyWithValue, Rollout, pack, sample_rollout, score_tokens
+from rft_core.rl.rollout import PolicyWithValue, Rollout, group_rows, pack, sample_rollout, score_tokens
 from rft_core.training import (
     LogFn,
     Processes,
@@ -281,7 +281,7 @@ class RLTrainer:
         a prompt stay together (see `group`)."""
         g = torch.Generator().manual_seed((self.rl.seed * 1_000_003 + iteration) * 101 + epoch)
         groups = torch.randperm(n_rows // self.group, generator=g)
-        order = (groups[:, None] * self.group + torch.arange(self.group)).reshape(-1)
+        order = group_rows(groups, self.group)
         return [order[start : start + self.minibatch_local] for start in range(0, n_rows, self.minibatch_local)]
 
     def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -381,12 +381,11 @@ class RLTrainer:
             input_ids, attention_mask, width = batch.minibatch(rows)
             ids, am = input_ids.to(device), attention_mask.to(device)
             lp, v, ent = model(ids, am, width, Sampling.of(self.rl), self.group)
-            logprobs[rows, :width], entropy[rows, :width] = lp.float().cpu(), ent.float().cpu()
-            if values is not None and v is not None:
-                values[rows, :width] = v.float().cpu()
-            r = self.reference_logprobs(ids, am, width)
-            if ref is not None and r is not None:
-                ref[rows, :width] = r.float().cpu()
+            logprobs[rows, :width], entropy[rows, :width] = lp.cpu(), ent.cpu()
+            if values is not None:  # the module has a value head exactly when the algorithm does
+                values[rows, :width] = v.cpu()
+            if ref is not None:
+                ref[rows, :width] = self.reference_logprobs(ids, am, width).cpu()
         batch.logprobs, batch.entropy, batch.values, batch.ref_logprobs = logprobs, entropy, values, ref
 
     def reference_logprobs(self, input_ids, attention_mask, length) -> torch.Tensor | None:
