@@ -257,7 +257,7 @@ class RLConfig(Section):
     enabled: bool = Field(True, description="Run the RL stage.")
     algorithm: Literal["ppo", "grpo"] = Field("ppo", description="ppo (value head, GAE) or grpo.")
     iterations: int = Field(
-        200, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
+        300, ge=1, description="Rollout + update iterations (each samples prompts_per_iteration)."
     )
     prompts_per_iteration: int = Field(32, ge=1, description="Prompts sampled per iteration.")
     samples_per_prompt: int = Field(4, ge=1, description="Completions per prompt (ReFT used 1).")
@@ -266,6 +266,13 @@ class RLConfig(Section):
     micro_batch_size: int | None = Field(
         None, ge=1, description="Split each minibatch into chunks of this many completions "
         "(gradient accumulation, to bound memory); None: no split.",
+    )
+    group_by_length: bool = Field(
+        True,
+        description="Cut each epoch's minibatches from prompt groups sorted by response length (ties "
+        "and the minibatches' order shuffled), so each is trimmed of most of its padding (HF "
+        "Trainer's group_by_length): less compute per epoch. Each minibatch's loss divides by the "
+        "batch's response tokens per minibatch, so an epoch's gradient stays the batch's token mean.",
     )
     shared_prompt_forward: bool = Field(
         True,
@@ -303,7 +310,7 @@ class RLConfig(Section):
     critic_warmup: int = Field(
         10, ge=0,
         description="PPO: for the first N iterations train only the value head (the policy's trunk "
-        "frozen, no policy loss), so that the critic's values mean something before they shape the "
+        "frozen, its optimizer state untouched, no policy loss), so that the critic's values mean something before they shape the "
         "policy's advantages (verl's critic_warmup). The head starts at 0. Must be below "
         "rl.iterations (0 for short runs); GRPO has no critic and ignores it.",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -353,6 +354,46 @@ def test_the_rollout_scores_rows_in_length_order_as_full_width_scoring_does(task
         assert torch.allclose(mine * mask, full * mask, atol=1e-5)
 
 
+def test_length_grouped_minibatches_hold_neighbouring_lengths_and_weigh_tokens_as_the_whole_batch(
+    task, tmp_path, grader
+):
+    cfg, train, val, model_dir = task
+    k = 2
+    cfg = tiny_config(tmp_path, "rl.group_by_length=true", "rl.prompts_per_iteration=8", "rl.minibatch_size=4")
+    trainer = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl", grader=grader)
+    batch = trainer.rollout(0, {})
+    n, widths = len(batch.texts), batch.group_widths(k)
+    assert trainer.group == k
+    cut = trainer.minibatches(0, 0, n, widths)
+    assert sorted(torch.cat(cut).tolist()) == list(range(n)) and {len(rows) for rows in cut} == {4}
+    for rows in cut:  # whole groups of a prompt's samples, in their order
+        groups = rows.view(-1, k)
+        assert torch.equal(groups, groups[:, :1] + torch.arange(k)) and bool((groups[:, 0] % k == 0).all())
+    # neighbouring lengths: the minibatches' width ranges do not interleave
+    ranges = sorted((float(widths[rows[::k] // k].min()), float(widths[rows[::k] // k].max())) for rows in cut)
+    assert all(hi <= lo for (_, hi), (lo, _) in itertools.pairwise(ranges))
+
+    def padded(minibatches):  # response positions computed, padding included
+        return sum(len(rows) * batch.minibatch(rows)[2] for rows in minibatches)
+
+    assert padded(cut) <= padded(trainer.minibatches(0, 0, n))  # the shuffled cut of the same epoch
+    # an epoch's steps average to the whole batch's token mean, as shuffled minibatches do
+    estimate = trainer.algorithm.advantages(batch, trainer.rl, trainer.processes.sum)
+    with torch.no_grad():
+        parts = [trainer.losses(batch, rows, estimate, trainer.loss_normaliser(batch, rows, len(cut))) for rows in cut]
+        whole = trainer.losses(batch, torch.cat(cut), estimate, float(batch.response_mask.sum()))
+    assert torch.allclose(sum(out.loss for out in parts) / len(cut), whole.loss, atol=1e-6)
+    # micro-batches (gradient accumulation) are cut from a minibatch in length order, groups whole
+    cfg = tiny_config(tmp_path, "rl.prompts_per_iteration=8", "rl.minibatch_size=8", "rl.micro_batch_size=2")
+    split = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl-micro", grader=grader)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[batch.by_length(k)] = torch.arange(n)
+    rows = split.minibatches(0, 0, n)[0]
+    parts = split.micro_batches(rows, rank)
+    assert [len(part) for part in parts] == [k] * 4 and sorted(torch.cat(parts).tolist()) == sorted(rows.tolist())
+    assert [int(rank[part[0]]) for part in parts] == sorted(int(rank[part[0]]) for part in parts)
+
+
 def test_critic_warmup_trains_the_value_head_alone_then_the_policy(task, tmp_path, grader):
     cfg, train, val, model_dir = task
     cfg = tiny_config(tmp_path, "rl.iterations=2", "rl.critic_warmup=1")
@@ -362,8 +403,16 @@ def test_critic_warmup_trains_the_value_head_alone_then_the_policy(task, tmp_pat
     assert all(torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
     head = trainer.module.value_head
     assert head.weight.abs().sum() > 0  # the head learned from the returns
+    # The trunk's optimizer state is untouched: a zero-gradient Adam step would still advance its
+    # bias correction and inflate the policy's first real steps.
+    warmup_steps = int(trainer.optimizer.state[head.weight]["step"])
+    assert warmup_steps > 0
+    assert all(p not in trainer.optimizer.state for p in trainer.policy.parameters())
     trainer.update(trainer.rollout(1, {}), 1, {})  # past the warm-up: the policy moves too
     assert any(not torch.equal(before[k], v) for k, v in trainer.policy.state_dict().items())
+    # Adam counts the policy's steps from its first real one.
+    policy_steps = int(trainer.optimizer.state[head.weight]["step"]) - warmup_steps
+    assert {int(trainer.optimizer.state[p]["step"]) for p in trainer.policy.parameters()} == {policy_steps}
 
 
 def test_flat_groups_are_left_out_of_the_update(task, tmp_path):

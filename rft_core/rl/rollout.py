@@ -222,15 +222,20 @@ class Rollout:
     def response_length(self) -> int:
         return self.response_mask.shape[1]
 
-    def by_length(self, group_size: int = 1) -> torch.Tensor:
-        """Every row, groups of `group_size` consecutive rows kept together, ordered by the group's
-        longest response then its longest prompt: consecutive chunks of this order have similar
-        widths, so `minibatch` trims most of their padding (a batch padded to its longest row
-        spends about a third of a forward pass on padding at the demo's lengths)."""
+    def group_widths(self, group_size: int = 1) -> torch.Tensor:
+        """A sort key per group of `group_size` consecutive rows: its longest response, then its
+        longest prompt (what a minibatch of such groups is padded to)."""
         prompt_width = self.input_ids.shape[1] - self.response_length
         response = self.response_mask.sum(1).view(-1, group_size).amax(1)
         prompt = self.attention_mask[:, :prompt_width].sum(1).view(-1, group_size).amax(1)
-        return group_rows(torch.argsort(response * (prompt_width + 1) + prompt, stable=True), group_size)
+        return response * (prompt_width + 1) + prompt
+
+    def by_length(self, group_size: int = 1) -> torch.Tensor:
+        """Every row, groups of `group_size` consecutive rows kept together, ordered by
+        `group_widths`: consecutive chunks of this order have similar widths, so `minibatch` trims
+        most of their padding (a batch padded to its longest row spends about a third of a forward
+        pass on padding at the demo's lengths)."""
+        return group_rows(torch.argsort(self.group_widths(group_size), stable=True), group_size)
 
     def minibatch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """input_ids, attention_mask and response width of `rows`, without the columns that are

@@ -169,6 +169,8 @@ class RLTrainer:
         self.model = self.processes.prepare(self.module)
         self.model.eval()  # training mode only inside the update (see the module docstring)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # What the critic warm-up trains: the value head alone (`update` clears the others' gradients).
+        self.head_params = {id(p) for name, p in self.model.named_parameters() if "value_head." in name}
         self.optimizer = torch.optim.AdamW(self.params, lr=self.rl.lr, eps=1e-5, weight_decay=0.0)
         warmup = self.rl.warmup_steps
         # Warm-up counts optimizer steps; the decay counts iterations (their number of optimizer
@@ -220,27 +222,52 @@ class RLTrainer:
         stats["kl"] = processes.total(estimate.kl.sum()) / max(1.0, processes.total(len(estimate.kl)))
 
         t0, steps, tokens = time.perf_counter(), 0, 0
+        widths = batch.group_widths(self.group)
+        length_rank = torch.empty(len(batch.texts), dtype=torch.long)  # each row's place in length order
+        length_rank[batch.by_length(self.group)] = torch.arange(len(batch.texts))
         totals = torch.zeros(len(LOSS_STATS), dtype=torch.float64)  # loss statistics, summed over steps
         with training_mode(self.model):  # gradient checkpointing runs in training mode only
             for epoch in range(rl.ppo_epochs):
-                for rows in self.minibatches(iteration, epoch, len(batch.texts)):
-                    # The loss's denominator: response tokens of the whole minibatch (every process).
-                    normaliser = processes.total(batch.response_mask[rows].sum())
+                minibatches = self.minibatches(iteration, epoch, len(batch.texts), widths)
+                for rows in minibatches:
+                    normaliser = self.loss_normaliser(batch, rows, len(minibatches))
                     if normaliser == 0:
                         continue
                     step_totals = torch.zeros_like(totals)
-                    for part in processes.accumulate(self.model, self.micro_batches(rows)):
+                    for part in processes.accumulate(self.model, self.micro_batches(rows, length_rank)):
                         with processes.autocast():
                             out = self.losses(batch, part, estimate, normaliser, critic_only)
                         processes.backward(out.loss)
                         step_totals += out.stats()
                         tokens += int(batch.attention_mask[part].sum())
+                    if critic_only:
+                        self._drop_trunk_gradients()
                     processes.step(self.params, self.optimizer, self.scheduler, rl.max_grad_norm)
                     totals += processes.sum(step_totals)
                     steps += 1
         timings.update(update=time.perf_counter() - t0, update_tokens=float(tokens))
         means = dict(zip(LOSS_STATS, (totals / max(1, steps)).tolist(), strict=True))
         return stats | {key: means[key] for key in self.algorithm.loss_stats}
+
+    def loss_normaliser(self, batch: Rollout, rows: torch.Tensor, n_minibatches: int) -> float:
+        """The loss's denominator for minibatch `rows` (0: it has no response token on any process):
+        its response tokens (every process's). With `rl.group_by_length`, minibatches of one length
+        hold more or fewer tokens, so each divides by the batch's response tokens per minibatch
+        instead: an epoch's gradient is then the whole batch's token mean, as with random ones."""
+        tokens = self.processes.total(batch.response_mask[rows].sum())
+        if tokens == 0 or not self.rl.group_by_length:
+            return tokens
+        return self.processes.total(batch.response_mask.sum()) / n_minibatches
+
+    def _drop_trunk_gradients(self) -> None:
+        """Leave everything but the value head out of a critic warm-up step (gradients None: the
+        optimizer skips them). A zero gradient would still count as an Adam step: its bias correction
+        then assumes moments averaged over steps that carried nothing, and the policy's first real
+        steps come out up to twice the learning rate (measured: twice the KL to the warm-up model
+        over the first 10 policy iterations, and a dip in validation accuracy)."""
+        for p in self.params:
+            if id(p) not in self.head_params:
+                p.grad = None
 
     def losses(
         self, batch: Rollout, rows: torch.Tensor, estimate: Estimate, normaliser: float, critic_only: bool = False
@@ -272,20 +299,35 @@ class RLTrainer:
         )
         if critic_only:
             # 0 x the policy loss keeps every parameter in the graph (data-parallel processes
-            # exchange a gradient for each), with nothing in it for the trunk.
+            # exchange a gradient for each), with nothing in it for the trunk (`update` then
+            # drops the trunk's gradients before the optimizer step).
             out.loss = rl.vf_coef * out.vf_loss + 0.0 * out.pg_loss
         return out
 
-    def minibatches(self, iteration: int, epoch: int, n_rows: int) -> list[torch.Tensor]:
+    def minibatches(
+        self, iteration: int, epoch: int, n_rows: int, widths: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """This process's rows in this epoch's shuffled order, cut into minibatches; the samples of
-        a prompt stay together (see `group`)."""
+        a prompt stay together (see `group`). With `rl.group_by_length`, the shuffled groups are
+        sorted by `widths` (`Rollout.group_widths`: equal widths stay in shuffled order) before the
+        cut, and the minibatches come in shuffled order."""
         g = torch.Generator().manual_seed((self.rl.seed * 1_000_003 + iteration) * 101 + epoch)
         groups = torch.randperm(n_rows // self.group, generator=g)
+        if self.rl.group_by_length and widths is not None:
+            groups = groups[torch.argsort(widths[groups], stable=True)]
         order = group_rows(groups, self.group)
-        return [order[start : start + self.minibatch_local] for start in range(0, n_rows, self.minibatch_local)]
+        cut = [order[start : start + self.minibatch_local] for start in range(0, n_rows, self.minibatch_local)]
+        if self.rl.group_by_length:
+            cut = [cut[i] for i in torch.randperm(len(cut), generator=g).tolist()]
+        return cut
 
-    def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """A minibatch in chunks of `rl.micro_batch_size` (gradient accumulation bounds memory)."""
+    def micro_batches(self, rows: torch.Tensor, length_rank: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """A minibatch in chunks of `rl.micro_batch_size` (gradient accumulation bounds memory), cut
+        in length order (`length_rank`: each row's place in `Rollout.by_length`) so that each chunk,
+        trimmed of the padding its rows share, carries less of it. The chunks' losses add up to the
+        minibatch's whatever rows they hold: the same gradient. Groups stay whole."""
+        if length_rank is not None and len(rows) > self.micro_batch_local:
+            rows = rows[torch.argsort(length_rank[rows], stable=True)]
         return [rows[i : i + self.micro_batch_local] for i in range(0, len(rows), self.micro_batch_local)]
 
     # ------------------------------------------------------------------ rollout
