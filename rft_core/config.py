@@ -336,7 +336,7 @@ class RLConfig(Section):
     )
     max_new_tokens: int = Field(48, ge=1, description="Longest sampled completion.")
     max_prompt_length: int = Field(384, ge=8, description="Longer prompts are cut from the left.")
-    eval_interval: int = Field(20, ge=0, description="Validate every N iterations (0: only at the end).")
+    eval_interval: int = Field(30, ge=0, description="Validate every N iterations (0: only at the end).")
     checkpoint_interval: int = Field(10, ge=0, description="Checkpoint every N iterations.")
     keep_best: bool = Field(
         False, description="End with the iterate of best validation accuracy instead of the last."
