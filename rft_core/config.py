@@ -310,8 +310,8 @@ class RLConfig(Section):
     critic_warmup: int = Field(
         10, ge=0,
         description="PPO: for the first N iterations train only the value head (the policy's trunk "
-        "frozen, its optimizer state untouched, no policy loss), so that the critic's values mean something before they shape the "
-        "policy's advantages (verl's critic_warmup). The head starts at 0. Must be below "
+        "frozen, its optimizer state untouched, no policy loss), so that the critic's values mean "
+        "something before they shape the policy's advantages (verl's critic_warmup). The head starts at 0. Must be below "
         "rl.iterations (0 for short runs); GRPO has no critic and ignores it.",
     )
     filter_flat_groups: bool = Field(

@@ -386,12 +386,13 @@ def test_length_grouped_minibatches_hold_neighbouring_lengths_and_weigh_tokens_a
     # micro-batches (gradient accumulation) are cut from a minibatch in length order, groups whole
     cfg = tiny_config(tmp_path, "rl.prompts_per_iteration=8", "rl.minibatch_size=8", "rl.micro_batch_size=2")
     split = RLTrainer(cfg, train, val, model_dir, tmp_path / "rl-micro", grader=grader)
-    rank = torch.empty(n, dtype=torch.long)
-    rank[batch.by_length(k)] = torch.arange(n)
     rows = split.minibatches(0, 0, n)[0]
-    parts = split.micro_batches(rows, rank)
+    parts = split.micro_batches(rows, widths)
     assert [len(part) for part in parts] == [k] * 4 and sorted(torch.cat(parts).tolist()) == sorted(rows.tolist())
-    assert [int(rank[part[0]]) for part in parts] == sorted(int(rank[part[0]]) for part in parts)
+    for part in parts:
+        assert torch.equal(part, part[:1] + torch.arange(k)) and int(part[0]) % k == 0
+    part_widths = [float(widths[part[0] // k]) for part in parts]
+    assert part_widths == sorted(part_widths)
 
 
 def test_critic_warmup_trains_the_value_head_alone_then_the_policy(task, tmp_path, grader):

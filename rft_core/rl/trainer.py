@@ -170,7 +170,8 @@ class RLTrainer:
         self.model.eval()  # training mode only inside the update (see the module docstring)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # What the critic warm-up trains: the value head alone (`update` clears the others' gradients).
-        self.head_params = {id(p) for name, p in self.model.named_parameters() if "value_head." in name}
+        head = self.module.value_head
+        self.head_params = {id(p) for p in head.parameters()} if head is not None else set()
         self.optimizer = torch.optim.AdamW(self.params, lr=self.rl.lr, eps=1e-5, weight_decay=0.0)
         warmup = self.rl.warmup_steps
         # Warm-up counts optimizer steps; the decay counts iterations (their number of optimizer
@@ -223,8 +224,6 @@ class RLTrainer:
 
         t0, steps, tokens = time.perf_counter(), 0, 0
         widths = batch.group_widths(self.group)
-        length_rank = torch.empty(len(batch.texts), dtype=torch.long)  # each row's place in length order
-        length_rank[batch.by_length(self.group)] = torch.arange(len(batch.texts))
         totals = torch.zeros(len(LOSS_STATS), dtype=torch.float64)  # loss statistics, summed over steps
         with training_mode(self.model):  # gradient checkpointing runs in training mode only
             for epoch in range(rl.ppo_epochs):
@@ -234,7 +233,7 @@ class RLTrainer:
                     if normaliser == 0:
                         continue
                     step_totals = torch.zeros_like(totals)
-                    for part in processes.accumulate(self.model, self.micro_batches(rows, length_rank)):
+                    for part in processes.accumulate(self.model, self.micro_batches(rows, widths)):
                         with processes.autocast():
                             out = self.losses(batch, part, estimate, normaliser, critic_only)
                         processes.backward(out.loss)
@@ -321,13 +320,13 @@ class RLTrainer:
             cut = [cut[i] for i in torch.randperm(len(cut), generator=g).tolist()]
         return cut
 
-    def micro_batches(self, rows: torch.Tensor, length_rank: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def micro_batches(self, rows: torch.Tensor, widths: torch.Tensor | None = None) -> list[torch.Tensor]:
         """A minibatch in chunks of `rl.micro_batch_size` (gradient accumulation bounds memory), cut
-        in length order (`length_rank`: each row's place in `Rollout.by_length`) so that each chunk,
-        trimmed of the padding its rows share, carries less of it. The chunks' losses add up to the
-        minibatch's whatever rows they hold: the same gradient. Groups stay whole."""
-        if length_rank is not None and len(rows) > self.micro_batch_local:
-            rows = rows[torch.argsort(length_rank[rows], stable=True)]
+        in order of its groups' `widths` (`Rollout.group_widths`) so that each chunk, trimmed of the
+        padding its rows share, carries less of it. The chunks' losses add up to the minibatch's
+        whatever rows they hold: the same gradient. Groups stay whole (a stable sort of whole groups)."""
+        if widths is not None and len(rows) > self.micro_batch_local:
+            rows = rows[torch.argsort(widths[rows // self.group], stable=True)]
         return [rows[i : i + self.micro_batch_local] for i in range(0, len(rows), self.micro_batch_local)]
 
     # ------------------------------------------------------------------ rollout
