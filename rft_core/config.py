@@ -67,7 +67,7 @@ class SyntheticConfig(Section):
     n_train: int = Field(2000, ge=1, description="Items in the training file.")
     n_val: int = Field(300, ge=1, description="Items in the validation file (disjoint from train).")
     min_steps: int = Field(1, ge=1, description="Fewest arithmetic steps in a problem.")
-    max_steps: int = Field(3, ge=1, description="Most arithmetic steps in a problem.")
+    max_steps: int = Field(2, ge=1, description="Most arithmetic steps in a problem.")
     max_operand: int = Field(5, ge=2, description="Largest operand drawn for a step.")
     max_value: int = Field(
         30, ge=4, description="Largest value any quantity may take (every result is an integer in 1..this)."
@@ -217,7 +217,7 @@ class SFTConfig(Section):
     """Warm-up supervised fine-tuning on the items that carry a worked solution."""
 
     enabled: bool = Field(True, description="Run warm-up SFT; off starts RL from the base model.")
-    epochs: float = Field(10.0, gt=0.0, description="Passes over the items with solutions.")
+    epochs: float = Field(20.0, gt=0.0, description="Passes over the items with solutions.")
     max_steps: int | None = Field(
         None, ge=1, description="Optimizer steps; overrides epochs when set."
     )
