@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         tmp = tempfile.TemporaryDirectory(prefix="rft-gpu-bench-")
         workdir = Path(tmp.name)
-    train_file, _ = write_synthetic(SyntheticConfig(n_train=args.n_train, n_val=8, seed=args.seed), workdir / "data")
+    train_file, _ = write_synthetic(SyntheticConfig(n_train=args.n_train, n_val=8, max_steps=3, seed=args.seed), workdir / "data")
     frame = load_items(train_file).frame
     texts = list(frame["prompt"]) + [s for s in frame["solution"] if isinstance(s, str)]
     t0 = time.perf_counter()

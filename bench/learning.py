@@ -37,7 +37,7 @@ SETTINGS = [
     "data.synthetic.n_train=2000",
     "data.synthetic.n_val=300",
     "data.synthetic.min_steps=1",
-    "data.synthetic.max_steps=3",
+    "data.synthetic.max_steps=2",
     "data.synthetic.max_operand=5",
     "data.synthetic.max_value=30",
     "model.tiny.pretrain_steps=200",
@@ -54,7 +54,7 @@ SETTINGS = [
     "eval.max_new_tokens=48",
     "eval.k=8",
 ]
-REGIME_SETTINGS = {"few": ["sft.epochs=10"], "all": ["sft.epochs=3"]}
+REGIME_SETTINGS = {"few": ["sft.epochs=20"], "all": ["sft.epochs=3"]}
 
 
 def run_seed(seed: int, regime: str, root: Path, overrides: list[str], algorithms: list[str]) -> dict:

@@ -91,7 +91,7 @@ def prepare_inputs(args: argparse.Namespace, workdir: Path, sizes: list[str]) ->
     from rft_core.models import count_parameters, render_prompt
     from rft_core.tiny import build_model, train_tokenizer
 
-    train_file, _ = write_synthetic(SyntheticConfig(n_train=args.n_train, n_val=20, seed=0), workdir / "data")
+    train_file, _ = write_synthetic(SyntheticConfig(n_train=args.n_train, n_val=20, max_steps=3, seed=0), workdir / "data")
     frame = load_items(train_file).frame
     texts = list(frame["prompt"]) + [s for s in frame["solution"] if isinstance(s, str)]
     base = TinyModelConfig()
