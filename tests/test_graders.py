@@ -587,7 +587,7 @@ def test_grade_never_raises_on_bad_item_type():
 
 @pytest.mark.parametrize(
     "module",
-    ["__init__", "base", "templates", "string_check", "similarity", "numeric", "rank", "multi",
+    ["__init__", "base", "templates", "string_check", "similarity", "numeric", "math_reader", "rank", "multi",
      "python_grader", "model_graders", "batch"],
 )
 def test_docstring_examples_hold(module):

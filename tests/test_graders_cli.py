@@ -128,3 +128,19 @@ def test_rft_grade_runs_as_a_real_command(tmp_path):
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
     assert result == {"reward": pytest.approx(0.6), "sub_rewards": {}, "errors": []}  # 2% off, 5% allowed
+
+
+@pytest.mark.parametrize(
+    ("sample", "reference", "reward"),
+    [
+        ("#### 1e5", "1", 0.1),  # was read as 1
+        ("#### 1e5", "100000", 1.0),
+        ("#### 2^{10}", "2", 0.1),  # was read as 2
+        ("#### 2^{10}", "1024", 1.0),
+        ("#### 1e5e5", "1", 0.0),  # unreadable: no answer, no partial credit
+    ],
+)
+def test_the_default_grader_reads_answers_whole(sample, reference, reward):
+    result = invoke("--item", json.dumps({"reference": reference}), "--sample", sample)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"reward": reward, "sub_rewards": {}, "errors": []}
