@@ -134,7 +134,9 @@ def grade_cmd(
         Path | None, typer.Option("--validate", help="Check this grader spec without running it.")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Parallel graders (python/HTTP).")] = 0,
-    timeout_s: Annotated[float, typer.Option("--timeout-s", min=0.001, help="Python grader time limit.")] = 10.0,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", min=0.001, help="Python grader time limit per call, its source's imports included.")
+    ] = 10.0,
     memory_mb: Annotated[int, typer.Option("--memory-mb", min=64, help="Python grader memory limit.")] = 1024,
 ) -> None:
     """Run a grader on one sample or on files of items and samples, or validate a grader spec."""

@@ -144,3 +144,62 @@ def test_the_default_grader_reads_answers_whole(sample, reference, reward):
     result = invoke("--item", json.dumps({"reference": reference}), "--sample", sample)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"reward": reward, "sub_rewards": {}, "errors": []}
+
+
+SLOW_IMPORT_GRADERS = {
+    "sleep": "import time\ntime.sleep(1000)\ndef grade(sample, item):\n    return 1.0\n",
+    "loop": "while True:\n    pass\ndef grade(sample, item):\n    return 1.0\n",
+}
+
+
+def _can_isolate() -> bool:
+    """Whether the kernel isolates python graders here (their default sandbox mode)."""
+    from rft_core.graders import build_grader
+    from rft_core.graders.python_grader import SandboxUnavailable
+
+    try:
+        build_grader({"type": "python", "source": "def grade(s, i):\n    return 1.0\n"}).close()
+    except SandboxUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("slow", sorted(SLOW_IMPORT_GRADERS))
+def test_timeout_s_bounds_a_grader_whose_import_never_ends(tmp_path, slow):
+    if not _can_isolate():
+        pytest.skip("no kernel isolation here; the library tests cover sandbox 'none'")
+    grader = tmp_path / "slow.json"
+    grader.write_text(json.dumps({"type": "python", "name": "slow", "source": SLOW_IMPORT_GRADERS[slow]}))
+    data = write_jsonl(tmp_path / "items.jsonl", [{"reference": 1}] * 3)
+    samples = write_jsonl(tmp_path / "samples.jsonl", ["#### 1"] * 3)
+    runs = [
+        ["--grader", str(grader), "--timeout-s", "1", "--item", "{}", "--sample", "x"],
+        ["--grader", str(grader), "--timeout-s", "1", "--item", "{}", "--sample", "y"],
+        ["--grader", str(grader), "--timeout-s", "1", "--data", str(data), "--samples", str(samples)],
+    ]
+    for args in runs:  # three calls, as a user would make them
+        result = invoke(*args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output
+        assert result.stderr.count("\n") == 1  # one line
+        assert "did not load within the 1 s time limit (grader.timeout_s, --timeout-s)" in result.stderr
+        assert "module-level code (imports, set-up)" in result.stderr
+
+
+def test_timeout_s_bounds_a_slow_import_through_the_real_command(tmp_path):
+    rft = Path(sys.executable).with_name("rft")
+    grader = tmp_path / "slow.json"
+    grader.write_text(json.dumps({"type": "python", "name": "slow", "source": SLOW_IMPORT_GRADERS["sleep"]}))
+    data = write_jsonl(tmp_path / "items.jsonl", [{"reference": 1}] * 3)
+    samples = write_jsonl(tmp_path / "samples.jsonl", ["#### 1"] * 3)
+    args = [str(rft), "grade", "--grader", str(grader), "--timeout-s", "2", "--data", str(data),
+            "--samples", str(samples)]
+    if not _can_isolate():
+        pytest.skip("no kernel isolation here; the library tests cover sandbox 'none'")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    # The bound is the 1000 s the grader would sleep, three times over; it stops after one 2 s limit.
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stdout == ""
+    assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1
+    assert "did not load within the 2 s time limit" in completed.stderr
