@@ -11,10 +11,11 @@ for an error result: the JSON says so). Files print a summary (count, mean rewar
 with `--out`, one JSON line per row. `--data` is a JSONL file of item objects (used as they
 are); a CSV, Parquet or ReFT JSON file goes through the data layer, so its items are the ones
 graders see in training. Samples are a JSONL of `{"output_text": ...}` objects or JSON strings,
-paired with the items by position. `--validate` exits 0 when the spec is valid and 1 with the
-problems listed when it is not. Unusable input (missing file, bad JSON, counts that differ,
-an invalid spec to run) exits 2 with a message and no traceback. Without `--grader` the default
-grader runs (numeric_match on `item.reference`).
+paired with the items by position. `--validate` exits 0 when the spec is valid and 1 with one
+line per problem when it is not (a file that does not parse, a formula nested too deeply, a spec
+too large). Unusable input (missing file, bad JSON, counts that differ, an invalid spec to run)
+exits 2 with a message and no traceback. Without `--grader` the default grader runs
+(numeric_match on `item.reference`).
 """
 
 from __future__ import annotations
@@ -109,10 +110,9 @@ def _validate(path: Path) -> None:
         typer.echo(f"invalid: {exc}")
         raise typer.Exit(EXIT_NEGATIVE) from None
     problems = validate_grader_spec(spec)
-    if problems:
-        typer.echo(f"invalid: {path}: {len(problems)} problem(s)")
+    if problems:  # one line per problem, each naming the file
         for problem in problems:
-            typer.echo(f"  - {problem}")
+            typer.echo(f"invalid: {path}: {problem}")
         raise typer.Exit(EXIT_NEGATIVE)
     typer.echo(f"valid: {path} ({spec.get('type')} grader {spec.get('name', '')!r})")
 

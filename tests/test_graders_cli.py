@@ -203,3 +203,33 @@ def test_timeout_s_bounds_a_slow_import_through_the_real_command(tmp_path):
     assert completed.stdout == ""
     assert completed.stderr.startswith("error: ") and completed.stderr.count("\n") == 1
     assert "did not load within the 2 s time limit" in completed.stderr
+
+
+def _deep_multi_json(levels: int) -> str:
+    return '{"type": "multi", "calculate_output": "inner", "graders": {"inner": ' * levels + '{"type": "rank"}' + "}}" * levels
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("deep-formula.yaml", "type: multi\ngraders:\n  a: {type: rank}\ncalculate_output: '" + "(" * 4000 + "a"
+         + ")" * 4000 + "'\n", "nested deeper than the limit of 64 levels"),
+        ("long-formula.yaml", "type: multi\ngraders:\n  a: {type: rank}\ncalculate_output: '" + "(" * 5000 + "a"
+         + ")" * 5000 + "'\n", "longer than the limit of 10000 characters"),
+        ("deep-multi.json", _deep_multi_json(100), "nests deeper than the limit of 32 levels"),
+        ("deeper-multi.json", _deep_multi_json(5000), "nested too deeply to read"),
+        ("big-template.yaml", "type: string_check\noperation: eq\nreference: x\ninput: '" + "x" * 200_000 + "'\n",
+         "over the limit of 100000"),
+    ],
+)
+def test_validate_refuses_specs_over_the_limits_in_one_line(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    result = invoke("--validate", str(path))
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout.count("\n") == 1 and result.stdout.startswith("invalid: ")
+    assert problem in result.stdout and len(result.stdout) < 400
+    ran = invoke("--grader", str(path), "--sample", "x")  # running it: unusable input, exit 2, one line
+    assert ran.exit_code == 2 and "Traceback" not in ran.output
+    assert ran.stderr.count("\n") == 1 and problem in ran.stderr

@@ -73,6 +73,8 @@ STARTUP_TIMEOUT_S = 30.0
 MAX_PROCESSES = 32
 # A reply longer than this is a broken worker, not a score: the pipeline must not buffer without end.
 MAX_REPLY_BYTES = 1 << 20
+# OpenAI's limit on a python grader's source.
+MAX_SOURCE_BYTES = 256 * 1024
 
 
 def cpu_limit_s(timeout_s: float) -> int:
@@ -91,10 +93,16 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
     source = spec.get("source")
     if not isinstance(source, str):
         return problems
+    size = len(source.encode("utf-8", errors="replace"))
+    if size > MAX_SOURCE_BYTES:
+        return [*problems, f"{label}: source is {size} bytes, over the limit of {MAX_SOURCE_BYTES} (OpenAI's)"]
     try:
         tree = ast.parse(source, filename="<grader>")
     except SyntaxError as exc:
         return [*problems, f"{label}: source does not parse: {exc.msg} (line {exc.lineno})"]
+    except (RecursionError, MemoryError, ValueError) as exc:  # `-` * 100000, `a+a+...`, NUL bytes
+        reason = "a null byte" if isinstance(exc, ValueError) else "expressions nested too deeply for Python's parser"
+        return [*problems, f"{label}: source does not parse: {reason}"]
     definition = None
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "grade":
