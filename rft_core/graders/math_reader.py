@@ -7,7 +7,8 @@ polynomial) and nothing can interrupt it from another thread: math-verify's own 
 `signal.alarm`, which works only in the main thread and cancels other alarms (Prefect's task
 timeouts). So sympy runs in one long-lived worker process (`_math_child.py`): each request has
 `MATH_TIMEOUT_S` to answer, and a worker that does not is killed and replaced; its address space
-is capped at `MEMORY_MB`. The training process never imports sympy. Answers are cached by text.
+is capped at `MEMORY_MB`. sympy is never imported in the calling process. Answers are cached by
+text (refusals too, so that a slow answer costs its deadline once).
 
 >>> read_math(r"2^{10}")
 Reading(kind='number', value=1024.0, reason='')
@@ -106,7 +107,10 @@ class MathWorker:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                raise MathWorkerError("the math reader process ended")
+                code = None
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = self.process.wait(timeout=2.0)
+                raise MathWorkerError(f"the math reader process ended (exit status {code})")
             self._buffer += chunk
             if len(self._buffer) > _MAX_REPLY_BYTES:
                 raise MathWorkerError("the math reader process broke the protocol")
