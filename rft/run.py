@@ -16,6 +16,7 @@ from rich.table import Table
 from rft.errors import fail
 from rft.progress import live_progress
 from rft_core.config import ConfigError, RFTConfig
+from rft_core.files import FileProblem, refuse_inputs
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: the built-in demo).")
@@ -121,6 +122,18 @@ def train_cmd(
     if stage not in ("sft", "rl"):
         raise fail(f"stage {stage!r}: expected sft or rl")
     cfg = load_config(config, set_)
+    if out is not None:
+        # Before any training: the stage fills --out (model/, checkpoints/, best/), so no input
+        # may be it or lie inside it.
+        local = {"--init-model directory": init_model, "model directory": cfg.model.name_or_path}
+        try:
+            refuse_inputs(out, {"config file": config, "data file": cfg.data.train_path,
+                                "validation file": cfg.data.val_path, "grader file": cfg.grader.file},
+                          what="--out directory")
+            refuse_inputs(out, {k: v for k, v in local.items() if v is not None and Path(v).exists()},
+                          what="--out directory", fills_directory=True)
+        except FileProblem as exc:
+            raise fail(str(exc)) from None
     from accelerate import Accelerator
 
     from rft_core import stages

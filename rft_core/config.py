@@ -500,13 +500,15 @@ class RFTConfig(Section):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RFTConfig:
         """Load a YAML (or JSON) file, then apply `section.key=value` overrides."""
+        from rft_core.files import FileProblem, read_text, yaml_error
+
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raw = yaml.safe_load(read_text(path, "config file")) or {}
+        except FileProblem as exc:
+            raise ConfigError(str(exc)) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
         try:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rft_core.data.schemas import DataError, json_native
+from rft_core.files import DATA_LIMIT, FileProblem, read_bytes
 
 BOM = b"\xef\xbb\xbf"
 PARQUET_MAGIC = b"PAR1"
@@ -65,15 +66,12 @@ class RawRow:
 
 
 def read_file(path: Path) -> bytes:
-    """The file's bytes; DataError when it is missing, a directory, unreadable or empty."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a data file")
+    """The file's bytes; DataError when it is missing, not a regular file (a directory, a FIFO, a
+    device), unreadable, larger than `DATA_LIMIT` or empty (the checks of `rft_core.files`)."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        data = read_bytes(path, "data file", DATA_LIMIT)
+    except FileProblem as exc:
+        raise DataError(str(exc)) from None
     if not data.removeprefix(BOM).strip():
         raise DataError(f"{path}: the file is empty")
     return data

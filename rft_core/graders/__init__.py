@@ -136,13 +136,13 @@ def load_grader_spec(path: str | Path) -> dict[str, Any]:
     Raises GraderSpecError naming the file when it is missing, does not parse, or is not a
     mapping. The spec is returned as written; `validate_grader_spec` checks it.
     """
+    from rft_core.files import FileProblem, read_text, yaml_error
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GraderSpecError(f"{path}: grader file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GraderSpecError(f"{path}: cannot read grader file: {exc}") from None
+        text = read_text(path, "grader file")
+    except FileProblem as exc:  # missing, a directory, a FIFO, too large, not UTF-8
+        raise GraderSpecError(str(exc)) from None
     suffix = path.suffix.lower()
     if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
         try:
@@ -155,7 +155,7 @@ def load_grader_spec(path: str | Path) -> dict[str, Any]:
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise GraderSpecError(f"{path}: not valid YAML: {exc}") from None
+            raise GraderSpecError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
     if not isinstance(spec, dict):
         raise GraderSpecError(f"{path}: a grader spec is a mapping with a 'type', got {type(spec).__name__}")
     return spec
