@@ -62,6 +62,11 @@ def run_cmd(
     from rft_core import tracking
 
     try:
+        # Before the flow starts: inside it, Prefect would log the error's traceback first.
+        tracking.check_tracking_available(tracking.resolve_tracking_uri(cfg))
+    except tracking.TrackingUnavailable as exc:
+        raise fail(str(exc)) from None
+    try:
         with live_progress():
             summary = rft_pipeline(config=cfg, fresh=fresh)
     except tracking.TrackingUnavailable as exc:
