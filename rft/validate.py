@@ -25,6 +25,7 @@ from rft_core.data.schemas import NO_NUMERIC_ANSWER
 _OPTION_FOR_SETTING = {
     "data.format": "--format FORMAT",
     "data.columns": "--config FILE with data.columns",
+    "data.csv_delimiter": "--config FILE with data.csv_delimiter",
 }
 
 
