@@ -279,18 +279,20 @@ def test_every_user_named_file_is_checked_before_it_is_read(files: Path, kind: s
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("reader", ["read_bytes", "load_items", "config"])
+@pytest.mark.parametrize("reader", ["read_bytes", "load_items", "config", "grader", "split manifest"])
 def test_library_readers_refuse_a_fifo_with_a_writer_waiting_too(tmp_path: Path, reader: str) -> None:
     """Even with a writer on the other end (a read would not block), a pipe is not a file to read whole."""
-    from rft_core.data import load_items
+    from rft_core.data import SplitManifest, load_items
+    from rft_core.graders import GraderSpecError, load_grader_spec
 
     fifo = tmp_path / "pipe.jsonl"
     os.mkfifo(fifo)
     writer = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'w').write('{{}}\\n' * 10)"])
     try:
         call = {"read_bytes": lambda: read_bytes(fifo), "load_items": lambda: load_items(fifo),
-                "config": lambda: RFTConfig.from_yaml(fifo)}[reader]
-        with pytest.raises((FileProblem, DataError, ConfigError), match="FIFO"):
+                "config": lambda: RFTConfig.from_yaml(fifo), "grader": lambda: load_grader_spec(fifo),
+                "split manifest": lambda: SplitManifest.load(fifo)}[reader]
+        with pytest.raises((FileProblem, DataError, ConfigError, GraderSpecError), match="FIFO"):
             call()
     finally:
         with open(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), "rb") as drain:  # let the writer finish
@@ -405,3 +407,11 @@ def test_jsonl_lines_split_on_newline_only() -> None:
     assert [json.loads(line) for line in jsonl_lines(text) if line] == [{"a": "x\u2028y"}, {"b": "p\u0085q\u2029r"}]
     # Every other separator str.splitlines() knows stays inside its line.
     assert jsonl_lines("a\x1cb\x1dc\x1ed\x0be\x0cf\rg\nh") == ["a\x1cb\x1dc\x1ed\x0be\x0cf\rg", "h"]
+
+
+def test_the_doctests_of_the_files_module() -> None:
+    import doctest
+
+    import rft_core.files
+
+    assert doctest.testmod(rft_core.files).failed == 0
