@@ -16,7 +16,7 @@ from rich.table import Table
 from rft.errors import fail
 from rft.progress import live_progress
 from rft_core.config import ConfigError, RFTConfig
-from rft_core.files import FileProblem, refuse_inputs
+from rft_core.files import FileProblem, check_readable, refuse_inputs
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: the built-in demo).")
@@ -28,10 +28,21 @@ SetOption = Annotated[
 
 
 def load_config(config: Path | None, overrides: list[str] | None) -> RFTConfig:
+    """The config of the command line, and every file it names checked to be a readable regular
+    file (before any stage: a FIFO or a missing file is one line here, not a failed task later)."""
     try:
-        return RFTConfig.load(config, overrides or [])
+        cfg = RFTConfig.load(config, overrides or [])
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    named = {"data file (data.train_path)": cfg.data.train_path, "validation file (data.val_path)": cfg.data.val_path,
+             "grader file (grader.file)": cfg.grader.file}
+    for what, path in named.items():
+        if path is not None:
+            try:
+                check_readable(path, what)
+            except FileProblem as exc:
+                raise fail(str(exc)) from None
+    return cfg
 
 
 def _quiet_libraries() -> None:

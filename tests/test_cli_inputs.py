@@ -278,6 +278,28 @@ def test_every_user_named_file_is_checked_before_it_is_read(files: Path, kind: s
     assert str(path) in line
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["run", "train"])
+@pytest.mark.parametrize(
+    ("key", "bad", "what"),
+    [
+        ("data.train_path", "fifo", "data file (data.train_path)"),
+        ("data.train_path", "character device", "data file (data.train_path)"),
+        ("data.val_path", "missing", "validation file (data.val_path)"),
+        ("data.val_path", "directory", "validation file (data.val_path)"),
+        ("grader.file", "fifo", "grader file (grader.file)"),
+    ],
+)
+def test_run_and_train_check_the_files_the_config_names_before_any_stage(
+    files: Path, command: str, key: str, bad: str, what: str
+) -> None:
+    path = make_bad(files, bad, ".jsonl")
+    args = ["run"] if command == "run" else ["train", "sft"]
+    result = invoke(*args, "--set", f"output_dir={files / 'out'}", "--set", f"{key}={path}")
+    assert_one_line_error(result, str(path), what, EXPECTED[bad])
+    assert not (files / "out").exists()  # refused before anything ran
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("reader", ["read_bytes", "load_items", "config", "grader", "split manifest"])
 def test_library_readers_refuse_a_fifo_with_a_writer_waiting_too(tmp_path: Path, reader: str) -> None:
