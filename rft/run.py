@@ -69,14 +69,16 @@ def run_cmd(
     """Run the pipeline: validate, split, SFT, RL, evaluate, register, promote."""
     _quiet_libraries()
     cfg = load_config(config, set_)
-    from flows.pipeline import rft_pipeline
     from rft_core import tracking
 
     try:
-        # Before the flow starts: inside it, Prefect would log the error's traceback first.
+        # Before the flow starts (and Prefect is imported): inside it, Prefect would log the
+        # error's traceback first.
         tracking.check_tracking_available(tracking.resolve_tracking_uri(cfg))
     except tracking.TrackingUnavailable as exc:
         raise fail(str(exc)) from None
+    from flows.pipeline import rft_pipeline
+
     try:
         with live_progress():
             summary = rft_pipeline(config=cfg, fresh=fresh)

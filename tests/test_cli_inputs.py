@@ -355,15 +355,23 @@ def test_a_config_that_is_not_a_mapping_or_not_yaml_is_one_line(files: Path) -> 
         ("deployments:\n- name: x\n", "deployment 'x' has no 'entrypoint'"),
         ("deployments:\n- name: x\n  entrypoint: a.py:f\n  schedules: [daily]\n", "'schedules' must be a list of mappings"),
         ("", "no deployments to serve"),
-        ("deployments:\n- name: x\n  entrypoint: nowhere.py:flow\n", "cannot load its entrypoint 'nowhere.py:flow'"),
     ],
 )
-def test_serve_refuses_a_deployments_file_of_the_wrong_shape(files: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           text: str, fragment: str) -> None:
-    # A Prefect API that answers, so that no server is started for the last case.
-    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{serve_http(200, b'true')}/api")
+def test_serve_refuses_a_deployments_file_of_the_wrong_shape(files: Path, text: str, fragment: str) -> None:
     (files / "prefect.yaml").write_text(text)
     assert_one_line_error(invoke("serve", "--prefect-file", "prefect.yaml"), fragment)
+
+
+def test_serve_names_an_entrypoint_that_cannot_be_loaded(files: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Called as a function, not through CliRunner: loading flows imports Prefect, whose log handlers
+    would keep CliRunner's stderr, closed after the call (tests/test_hub_models.py says more)."""
+    from flows.serve import ServeError, serve_deployments
+
+    # A Prefect API that answers, so that no server is started.
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{serve_http(200, b'true')}/api")
+    (files / "prefect.yaml").write_text("deployments:\n- name: x\n  entrypoint: nowhere.py:flow\n")
+    with pytest.raises(ServeError, match="deployment x: cannot load its entrypoint 'nowhere.py:flow'"):
+        serve_deployments(files / "prefect.yaml", say=lambda line: None)
 
 
 def serve_http(status: int, body: bytes) -> int:
