@@ -16,6 +16,7 @@ from rich.table import Table
 from rft.errors import fail
 from rft.progress import live_progress
 from rft_core.config import ConfigError, RFTConfig
+from rft_core.files import FileProblem, check_readable, refuse_inputs
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: the built-in demo).")
@@ -27,10 +28,21 @@ SetOption = Annotated[
 
 
 def load_config(config: Path | None, overrides: list[str] | None) -> RFTConfig:
+    """The config of the command line, and every file it names checked to be a readable regular
+    file (before any stage: a FIFO or a missing file is one line here, not a failed task later)."""
     try:
-        return RFTConfig.load(config, overrides or [])
+        cfg = RFTConfig.load(config, overrides or [])
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    named = {"data file (data.train_path)": cfg.data.train_path, "validation file (data.val_path)": cfg.data.val_path,
+             "grader file (grader.file)": cfg.grader.file}
+    for what, path in named.items():
+        if path is not None:
+            try:
+                check_readable(path, what)
+            except FileProblem as exc:
+                raise fail(str(exc)) from None
+    return cfg
 
 
 def _quiet_libraries() -> None:
@@ -57,8 +69,15 @@ def run_cmd(
     """Run the pipeline: validate, split, SFT, RL, evaluate, register, promote."""
     _quiet_libraries()
     cfg = load_config(config, set_)
-    from flows.pipeline import rft_pipeline
     from rft_core import tracking
+
+    try:
+        # Before the flow starts (and Prefect is imported): inside it, Prefect would log the
+        # error's traceback first.
+        tracking.check_tracking_available(tracking.resolve_tracking_uri(cfg))
+    except tracking.TrackingUnavailable as exc:
+        raise fail(str(exc)) from None
+    from flows.pipeline import rft_pipeline
 
     try:
         with live_progress():
@@ -121,6 +140,18 @@ def train_cmd(
     if stage not in ("sft", "rl"):
         raise fail(f"stage {stage!r}: expected sft or rl")
     cfg = load_config(config, set_)
+    if out is not None:
+        # Before any training: the stage fills --out (model/, checkpoints/, best/), so no input
+        # may be it or lie inside it.
+        local = {"--init-model directory": init_model, "model directory": cfg.model.name_or_path}
+        try:
+            refuse_inputs(out, {"config file": config, "data file": cfg.data.train_path,
+                                "validation file": cfg.data.val_path, "grader file": cfg.grader.file},
+                          what="--out directory")
+            refuse_inputs(out, {k: v for k, v in local.items() if v is not None and Path(v).exists()},
+                          what="--out directory", fills_directory=True)
+        except FileProblem as exc:
+            raise fail(str(exc)) from None
     from accelerate import Accelerator
 
     from rft_core import stages

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 logger = logging.getLogger("rft.config")
@@ -101,6 +101,9 @@ class SyntheticConfig(Section):
         return self
 
 
+_DELIMITER_NAMES = {"tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
 class DataConfig(Section):
     """Where the task items come from and how they are split into train and validation."""
 
@@ -114,6 +117,13 @@ class DataConfig(Section):
         "auto", description="File format; auto detects it from the extension and the fields."
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    csv_delimiter: str = Field(
+        "auto",
+        description="Field delimiter of CSV files: one character (',', ';', '|', a tab: \"\\t\" in YAML), "
+        "or tab, comma, semicolon, pipe by name, or auto: the one of , ; tab | that splits the header "
+        "into the data.columns names, else what csv.Sniffer finds in the first lines, else ',' (tab "
+        "for .tsv files).",
+    )
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of items held out for validation."
     )
@@ -133,6 +143,19 @@ class DataConfig(Section):
         True, description="Remove GSM8K calculator annotations like <<48/2=24>> from solutions."
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("csv_delimiter", mode="before")
+    @classmethod
+    def _one_character(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = _DELIMITER_NAMES.get(value.lower(), value)
+        if value != "auto" and (len(value) != 1 or value in "\"\r\n"):
+            raise ValueError(
+                f"csv_delimiter must be one character other than a quote or a line break, a name "
+                f"({', '.join(_DELIMITER_NAMES)}) or auto; got {value!r}"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------- model
@@ -500,13 +523,15 @@ class RFTConfig(Section):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RFTConfig:
         """Load a YAML (or JSON) file, then apply `section.key=value` overrides."""
+        from rft_core.files import FileProblem, read_text, yaml_error
+
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raw = yaml.safe_load(read_text(path, "config file")) or {}
+        except FileProblem as exc:
+            raise ConfigError(str(exc)) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
         try:

@@ -454,12 +454,14 @@ def test_spec_files_that_are_not_regular_files_or_too_large_are_refused(tmp_path
 
     fifo = tmp_path / "fifo.yaml"
     os.mkfifo(fifo)  # nobody writes to it: reading would wait for ever
-    for path in (fifo, tmp_path, Path("/dev/zero")):
+    for path in (fifo, Path("/dev/zero")):
         with pytest.raises(GraderSpecError, match="not a regular file"):
             load_grader_spec(path)
+    with pytest.raises(GraderSpecError, match="is a directory, not a grader file"):
+        load_grader_spec(tmp_path)
     big = tmp_path / "big.yaml"
     big.write_text("type: rank\n" + "#" * (5 * 1024 * 1024) + "\n")
-    with pytest.raises(GraderSpecError, match="larger than 4194304 bytes"):
+    with pytest.raises(GraderSpecError, match="larger than the 4.0 MiB a grader file may have"):
         load_grader_spec(big)
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"type: rank\nname: caf\xe9\n")

@@ -64,6 +64,22 @@ def test_files_print_a_summary_and_write_rows(tmp_path):
     assert rows[2]["errors"][0].startswith("n: the reference 'x' holds no number")
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c"])
+def test_files_split_lines_on_newline_only(tmp_path, separator):
+    """str.splitlines() also splits on these; JSON allows the first three unescaped inside strings, and
+    the rest escaped as \\u001c etc. A line is a record however its strings read."""
+    raw = separator if separator in "\u2028\u2029\u0085" else json.dumps(separator)[1:-1]
+    data = tmp_path / "items.jsonl"
+    data.write_text(f'{{"reference": "1", "note": "a{raw}b"}}\n{{"reference": "2"}}\n', encoding="utf-8")
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(f'"line one{raw}#### 1"\n{{"output_text": "x{raw}#### 2"}}\n', encoding="utf-8")
+    out = tmp_path / "graded.jsonl"
+    result = invoke("--data", str(data), "--samples", str(samples), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "graded: 2" in result.stdout and "mean reward: 1.0000" in result.stdout
+    assert [json.loads(line)["index"] for line in out.read_text(encoding="utf-8").split("\n") if line] == [0, 1]
+
+
 def test_files_through_the_data_layer_for_csv(tmp_path):
     data = tmp_path / "items.csv"
     data.write_text("prompt,reference\nWhat is 2+2?,4\nWhat is 3+3?,6\n")

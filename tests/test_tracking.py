@@ -4,7 +4,9 @@ the registry's promotion gate, its lock, rollback, and the registry CLI commands
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -586,6 +588,32 @@ def test_registry_lock_excludes_concurrent_holders_and_breaks_a_stale_one(store:
     c.delete_registered_model(name + tracking.LOCK_SUFFIX)
 
 
+@pytest.mark.parametrize("expires", ["soon", "", "nan", "inf", "-inf", "1e999", "2026-12-06T10:00:00", None])
+def test_a_lock_whose_expiry_cannot_be_read_is_broken_one_lease_after_it_was_made(
+    store: str, expires: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hand-edited or foreign: within a lease of its creation it is waited for (its holder may be
+    alive), then it is broken with a warning naming it; never a ValueError from parsing it."""
+    name = "lock-expiry"
+    lock = name + tracking.LOCK_SUFFIX
+    c = client(store)
+    tags = {"rft.lock.owner": "hand-edited"} | ({} if expires is None else {"rft.lock.expires": expires})
+    c.create_registered_model(lock, tags=tags)
+    with (
+        pytest.raises(tracking.RegistryError, match="held by hand-edited"),
+        tracking.registry_lock(c, name, lease_s=60, timeout_s=0.3),
+    ):
+        pass
+    with caplog.at_level(logging.WARNING, logger="rft.tracking"), tracking.registry_lock(
+        c, name, lease_s=0.0, timeout_s=5
+    ) as owner:
+        assert c.get_registered_model(lock).tags["rft.lock.owner"] == owner
+    assert lock not in {m.name for m in c.search_registered_models()}
+    warning = caplog.text
+    assert f"breaking the promotion lock {lock!r} (held by hand-edited)" in warning
+    assert ("no expiry tag" if expires is None else f"rft.lock.expires={expires!r} is not a time") in warning
+
+
 def test_list_versions_reports_aliases_metrics_and_gate(store: str, model_uri: str) -> None:
     name = "list-test"
     v1, v2 = register(model_uri, name, 0.4), register(model_uri, name, 0.3)
@@ -601,6 +629,86 @@ def test_list_versions_reports_aliases_metrics_and_gate(store: str, model_uri: s
         tracking.list_versions("nope")
     with pytest.raises(tracking.RegistryError, match="has no version 99"):
         gate(name, 99)
+
+
+# --------------------------------------------------------------------------- a damaged store
+
+
+def damaged_store(kind: str, db: Path, good: bytes) -> None:
+    """Put at `db` what a user may find there instead of a store."""
+    if kind == "random bytes":
+        db.write_bytes(random.Random(0).randbytes(5000))
+    elif kind == "a text file":
+        db.write_text("runs:\n  - id: 1\n" * 50)
+    elif kind == "a truncated store":
+        db.write_bytes(good[: len(good) // 3])
+    elif kind == "a torn page":
+        db.write_bytes(good[:8192] + random.Random(1).randbytes(4096) + good[12288:])
+    elif kind == "a header only":
+        db.write_bytes(good[:100])
+    elif kind == "a directory":
+        db.mkdir()
+    elif kind == "a FIFO":
+        os.mkfifo(db)
+
+
+DAMAGED = {
+    "random bytes": "is not an SQLite database",
+    "a text file": "is not an SQLite database (its first bytes are b'runs:\\n  '",
+    "a truncated store": "is a damaged SQLite database",
+    "a torn page": "is a damaged SQLite database",
+    "a header only": "is a damaged SQLite database",
+    "a directory": "is a directory, not an SQLite database file",
+    "a FIFO": "is a FIFO (named pipe), not an SQLite database file",
+}
+
+
+@pytest.fixture(scope="module")
+def good_store_bytes(store: str) -> bytes:
+    client(store).search_experiments()  # tables exist
+    return Path(store.removeprefix("sqlite:///")).read_bytes()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", list(DAMAGED))
+def test_a_damaged_store_is_one_line_naming_it_and_the_fix(
+    kind: str, good_store_bytes: bytes, tmp_path: Path, cli: typer.Typer
+) -> None:
+    db = tmp_path / "rft_runs" / "mlflow.db"
+    db.parent.mkdir()
+    damaged_store(kind, db, good_store_bytes)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(tracking.TrackingStoreUnusable) as caught:
+        tracking.check_tracking_available(uri)
+    message = str(caught.value)
+    assert f"{db} {DAMAGED[kind]}" in message and "move it aside" in message and "\n" not in message
+    # The commands that open the store: one line, exit 2, no traceback, nothing written over it.
+    before = db.read_bytes() if db.is_file() else None
+    for args in (["models", "x"], ["promote", "x", "1"], ["rollback", "x"]):
+        result = CliRunner().invoke(cli, [*args, "--tracking-uri", uri])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert (db.read_bytes() if db.is_file() else None) == before
+
+
+def test_rft_run_refuses_a_damaged_store_before_the_flow_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rft.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(random.Random(2).randbytes(3000))
+    result = CliRunner().invoke(app, ["run", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.startswith(f"error: MLflow tracking store sqlite:///{tmp_path}/mlflow.db cannot be used")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no stage ran
+
+
+def test_a_good_store_an_empty_file_and_no_file_yet_are_usable(good_store_bytes: bytes, tmp_path: Path) -> None:
+    (tmp_path / "copy.db").write_bytes(good_store_bytes)
+    (tmp_path / "empty.db").touch()
+    for name in ("copy.db", "empty.db", "new/mlflow.db"):
+        tracking.check_tracking_available(f"sqlite:///{tmp_path / name}")
+    assert (tmp_path / "new").is_dir()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -17,8 +17,6 @@ or YAML.
 from __future__ import annotations
 
 import json
-import os
-import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -150,42 +148,19 @@ def configured_grader(section: Any) -> Grader:
 MAX_SPEC_FILE_BYTES = 4 * 1024 * 1024
 
 
-def _read_spec_file(path: Path) -> str:
-    """The text of a spec file: a regular file, at most MAX_SPEC_FILE_BYTES, UTF-8.
-
-    Opened without blocking, so that a FIFO is refused at once rather than waited on; a device
-    such as /dev/zero is refused rather than read without end.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise GraderSpecError(f"{path}: grader file not found") from None
-    except OSError as exc:
-        raise GraderSpecError(f"{path}: cannot read grader file: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise GraderSpecError(f"{path}: not a regular file; a grader spec is a JSON or YAML file")
-    with os.fdopen(fd, "rb") as file:
-        try:
-            data = file.read(MAX_SPEC_FILE_BYTES + 1)
-        except OSError as exc:
-            raise GraderSpecError(f"{path}: cannot read grader file: {exc.strerror or exc}") from None
-    if len(data) > MAX_SPEC_FILE_BYTES:
-        raise GraderSpecError(f"{path}: larger than {MAX_SPEC_FILE_BYTES} bytes; a grader spec is small")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise GraderSpecError(f"{path}: cannot read grader file: not UTF-8 text (byte {exc.start})") from None
-
-
 def load_grader_spec(path: str | Path) -> dict[str, Any]:
     """A grader spec from a JSON or YAML file (by extension; by content when neither).
 
     Raises GraderSpecError naming the file when it is missing, not a regular file, larger than
     MAX_SPEC_FILE_BYTES, not UTF-8, does not parse (or nests too deeply to), or is not a mapping. The spec is returned as written; `validate_grader_spec` checks it.
     """
+    from rft_core.files import FileProblem, read_text, yaml_error
+
     path = Path(path)
-    text = _read_spec_file(path)
+    try:
+        text = read_text(path, "grader file", limit=MAX_SPEC_FILE_BYTES)
+    except FileProblem as exc:  # missing, a directory, a FIFO, a device, too large, not UTF-8
+        raise GraderSpecError(str(exc)) from None
     suffix = path.suffix.lower()
     too_deep = f"{path}: nested too deeply to read (a grader spec nests at most {MAX_SPEC_DEPTH} levels)"
     if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
@@ -201,7 +176,7 @@ def load_grader_spec(path: str | Path) -> dict[str, Any]:
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise GraderSpecError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+            raise GraderSpecError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
         except (RecursionError, MemoryError):
             raise GraderSpecError(too_deep) from None
     if not isinstance(spec, dict):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from rft_core.tracking import tags
 from rft_core.tracking.descriptions import version_description
-from rft_core.tracking.errors import RegistryError, TrackingError, TrackingUnavailable
+from rft_core.tracking.errors import RegistryError, TrackingError, TrackingStoreUnusable, TrackingUnavailable
 from rft_core.tracking.gate import GateDecision, Measurement, decide
 from rft_core.tracking.models import _TextGenerator as _TextGenerator
 from rft_core.tracking.models import download_model, load_logged_model, log_model, serving_settings
@@ -84,6 +84,7 @@ __all__ = [
     "Measurement",
     "RegistryError",
     "TrackingError",
+    "TrackingStoreUnusable",
     "TrackingUnavailable",
     "artifact_link",
     "champion_version",
