@@ -37,6 +37,7 @@ from rft_core.checkpoint import (
     save_checkpoint,
 )
 from rft_core.config import RFTConfig, SFTConfig
+from rft_core.integrity import reading, write_file
 from rft_core.models import (
     add_lora,
     encode_completion,
@@ -52,6 +53,7 @@ from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    best_weights_usable,
     make_accelerator,
     save_weights,
     selection_key,
@@ -217,7 +219,7 @@ def train_examples(
         key = selection_key(metrics)
         if settings.keep_best and (state["best"] is None or key > tuple(state["best"])):
             state["best"], state["best_step"] = list(key), step
-            save_weights(processes, model, processes.unwrap(model), best_dir)
+            save_weights(processes, model, processes.unwrap(model), best_dir, step=step)
         processes.wait()
 
     if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
@@ -273,8 +275,12 @@ def train_examples(
                     )
                 processes.wait()
 
-    if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
-        processes.load_weights(model, processes.unwrap(model), best_dir)
+    best_step = state["best_step"]
+    if settings.keep_best and best_step is not None and best_step != total_steps:
+        if best_weights_usable(best_dir, best_step):
+            processes.load_weights(model, processes.unwrap(model), best_dir)
+        else:
+            state["best"], state["best_step"] = None, None
     return model, state["history"], state
 
 
@@ -325,7 +331,8 @@ def run_sft(
             if checkpoint is not None:
                 from peft import PeftModel
 
-                return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+                with reading(checkpoint, "checkpoint adapter"):
+                    return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
             return add_lora(model, cfg.model)
         return load_model(checkpoint or base_model, cfg.model, device=processes.device, dtype=torch.float32)
 
@@ -349,7 +356,7 @@ def run_sft(
     model_dir = out_dir / "model"
     save_weights(processes, model, processes.unwrap(model), model_dir, tokenizer=tokenizer, merge=True)
     if processes.is_main:
-        (out_dir / "result.json").write_text(json.dumps({"metrics": final, "history": history}, indent=1))
+        write_file(out_dir / "result.json", json.dumps({"metrics": final, "history": history}, indent=1))
     processes.wait()
     return StageResult(str(model_dir), final, history)
 

@@ -40,6 +40,7 @@ from rft_core.config import RFTConfig
 from rft_core.evaluate import validation_metrics
 from rft_core.generation import Sampling, row_seeds
 from rft_core.graders import GradeResult, grade_batch
+from rft_core.integrity import reading, write_file
 from rft_core.models import (
     add_lora,
     decode,
@@ -59,6 +60,7 @@ from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    best_weights_usable,
     disable_dropout,
     item_records,
     make_accelerator,
@@ -480,7 +482,8 @@ class RLTrainer:
             if checkpoint is not None:
                 from peft import PeftModel
 
-                return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
+                with reading(checkpoint / "model", "checkpoint adapter"):
+                    return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
             return add_lora(base, self.cfg.model)
         source = checkpoint / "model" if checkpoint is not None else self.init_model
         return load_model(source, self.cfg.model, device=device, dtype=torch.float32)
@@ -532,7 +535,9 @@ class RLTrainer:
         key = selection_key(metrics)
         if self.rl.keep_best and (best is None or key > tuple(best)):
             self.state["best"], self.state["best_iteration"] = list(key), iteration
-            save_weights(self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.")
+            save_weights(
+                self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.", step=iteration
+            )
         return metrics
 
     def checkpoint(self, iteration: int) -> None:
@@ -555,8 +560,12 @@ class RLTrainer:
         history = self.state["history"]
         chosen = history[-1] if history else {}
         best_iteration = self.state.get("best_iteration")
-        if self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations:
-            processes.load_weights(self.model, self.policy, self.out_dir / "best", prefix="policy.")
+        best_dir = self.out_dir / "best"
+        if (
+            self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations
+            and best_weights_usable(best_dir, best_iteration)
+        ):
+            processes.load_weights(self.model, self.policy, best_dir, prefix="policy.")
             chosen = next(h for h in history if h["step"] == best_iteration)
         model_dir = self.out_dir / "model"
         save_weights(
@@ -566,7 +575,7 @@ class RLTrainer:
         if processes.is_main:
             if head is not None:
                 torch.save(head, self.out_dir / "value_head.pt")
-            (self.out_dir / "result.json").write_text(json.dumps({"metrics": chosen, "history": history}, indent=1))
+            write_file(self.out_dir / "result.json", json.dumps({"metrics": chosen, "history": history}, indent=1))
         processes.wait()
         return StageResult(str(model_dir), {k: float(v) for k, v in chosen.items()}, history)
 
