@@ -38,6 +38,7 @@ from rft_core.checkpoint import (
 )
 from rft_core.config import RFTConfig, SFTConfig
 from rft_core.integrity import reading, write_file
+from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
     add_lora,
     encode_completion,
@@ -59,6 +60,7 @@ from rft_core.training import (
     selection_key,
     stage_grader,
     step_positions,
+    stop_after_step,
 )
 
 logger = logging.getLogger("rft.sft")
@@ -227,7 +229,7 @@ def train_examples(
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
-    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar:
+    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar, deferring_stops():
         for step in range(start_step, total_steps):
             # Per-step seed: dropout and friends replay exactly after a resume.
             torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
@@ -265,7 +267,8 @@ def train_examples(
             if last:
                 run_eval(done)
             bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
-            if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
+            stopping = stop_after_step(processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
+            if stopping or (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
                 model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
                 optimizer_state = processes.optimizer_state(model, optimizer)
                 if processes.is_main:
@@ -274,6 +277,8 @@ def train_examples(
                         optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
                     )
                 processes.wait()
+            if stopping:
+                raise TrainingStopped(task, done, total_steps, ckpt_root / f"step-{done}")
 
     best_step = state["best_step"]
     if settings.keep_best and best_step is not None and best_step != total_steps:

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 
 from rft_core.config import RFTConfig
 from rft_core.integrity import directory_problem, manifest_meta, reading, writing_directory
+from rft_core.lifecycle import stop_requested
 from rft_core.models import compute_in
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -376,6 +377,14 @@ def training_mode(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.eval()
+
+
+def stop_after_step(processes: Processes) -> bool:
+    """Whether training stops after the current step: a stop was requested (Ctrl-C, SIGTERM; see
+    `rft_core.lifecycle`) on any process. Every process calls it at every step, so they agree on
+    the step (a collective with several processes)."""
+    requested = stop_requested() is not None
+    return requested if processes.world == 1 else processes.total(float(requested)) > 0
 
 
 def step_positions(step: int, global_batch: int, n: int, seed: int) -> list[int]:

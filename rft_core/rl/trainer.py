@@ -41,6 +41,7 @@ from rft_core.evaluate import validation_metrics
 from rft_core.generation import Sampling, row_seeds
 from rft_core.graders import GradeResult, grade_batch
 from rft_core.integrity import reading, write_file
+from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
     add_lora,
     decode,
@@ -68,6 +69,7 @@ from rft_core.training import (
     selection_key,
     stage_grader,
     step_positions,
+    stop_after_step,
     sub_state,
     training_mode,
 )
@@ -512,7 +514,10 @@ class RLTrainer:
         if self.start_iteration == 0 and rl.eval_interval:
             self._log(self.validate(0), 0)
         shown = {}  # the figures beside the progress: training reward, KL, the last validation
-        with progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar:
+        with (
+            progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar,
+            deferring_stops(),
+        ):
             for iteration in range(self.start_iteration, rl.iterations):
                 stats = self.iteration(iteration)
                 done = iteration + 1
@@ -521,8 +526,11 @@ class RLTrainer:
                 self._log(stats, done)
                 shown.update({key: stats[key] for key in _SHOWN if key in stats})
                 bar.update(done, **shown)
-                if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
+                stopping = stop_after_step(self.processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
+                if stopping or (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
                     self.checkpoint(done)
+                if stopping:
+                    raise TrainingStopped("rl", done, rl.iterations, self.ckpt_root / f"step-{done}")
         return self.finish()
 
     def validate(self, iteration: int) -> dict[str, float]:
