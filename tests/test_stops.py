@@ -174,3 +174,107 @@ def test_kill_9_mid_rl_leaves_no_process_and_the_next_run_ends_and_links_the_aba
         assert after[run_id].info.status == "KILLED"
         assert tags["rft.replaced_by"] == new_parent.info.run_id
         assert f"its process {proc.pid} on" in tags["rft.ended_because"]
+
+
+# --------------------------------------------------------------------------- rft serve
+
+
+def deployments_file(tmp_path: Path) -> Path:
+    """Two deployments served from a process, hourly (nothing falls due during the test)."""
+    entry = {"entrypoint": "flows/deployments.py:evaluate_from_file", "parameters": {"config_path": "none.yaml"},
+             "schedules": [{"interval": 3600, "active": True}]}
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump({"deployments": [{"name": "alpha", **entry}, {"name": "beta", **entry}]}))
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_deployments(api_url: str) -> dict[str, object]:
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return {d.name: d for d in client.read_deployments()}
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, text: str, within_s: float = 240) -> None:
+    deadline = time.monotonic() + within_s
+    while text not in log.read_text():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
+def wait_until_served(proc: subprocess.Popen, log: Path, api_url: str, name: str) -> None:
+    """Until `rft serve` polls for runs of deployment `name`."""
+    wait_for_log(proc, log, f"Serving {name}")
+    deadline = time.monotonic() + 120
+    while getattr(read_deployments(api_url).get(name), "last_polled", None) is None:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_kill_9_of_rft_serve_takes_its_server_along_and_the_next_serve_pauses_what_it_left_active(tmp_path):
+    prefect_file, port = deployments_file(tmp_path), free_port()
+    env = {**environment(tmp_path), "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    api_url = f"http://127.0.0.1:{port}/api"
+    args = ["serve", "--prefect-file", str(prefect_file), "--port", str(port)]
+
+    log = tmp_path / "serve.log"
+    serve = start([*args, "-d", "alpha"], env, log)
+    wait_until_served(serve, log, api_url, "alpha")
+    started = descendants(serve.pid)
+    assert any("server start" in cmd for cmd in started.values()), started
+    os.kill(serve.pid, signal.SIGKILL)
+    serve.wait(timeout=EXIT_BOUND_S)
+    assert_all_gone(started)  # no Prefect server left on the port
+
+    log = tmp_path / "serve-again.log"
+    again = start([*args, "-d", "beta"], env, log)
+    try:
+        wait_until_served(again, log, api_url, "beta")
+        assert "Deployment alpha was left active by an rft serve that did not stop cleanly: paused" in log.read_text()
+        deployments = read_deployments(api_url)
+        assert deployments["alpha"].paused and not deployments["beta"].paused
+        started = descendants(again.pid)
+    finally:
+        again.send_signal(signal.SIGTERM)  # a clean stop: Prefect pauses what it served
+        again.wait(timeout=EXIT_BOUND_S)
+    assert_all_gone(started)
+
+
+def test_tidying_cancels_overdue_runs_and_pauses_only_deployments_nobody_serves(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from prefect import get_client
+    from prefect.states import Scheduled
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.serve import read_deployments as file_deployments
+    from flows.serve import tidy_abandoned, to_runner_deployment
+
+    now = datetime.now(timezone.utc)
+    entries = file_deployments(deployments_file(tmp_path))
+    with prefect_test_harness(server_startup_timeout=120), get_client(sync_client=True) as client:
+        ids = {entry["name"]: to_runner_deployment(entry).apply() for entry in entries}
+        overdue = client.create_flow_run_from_deployment(ids["alpha"], state=Scheduled(scheduled_time=now - timedelta(hours=2)))
+        later = client.create_flow_run_from_deployment(ids["alpha"], state=Scheduled(scheduled_time=now + timedelta(days=1)))
+        client.get_scheduled_flow_runs_for_deployments([ids["beta"]])  # beta is polled: someone serves it
+
+        said = []
+        assert tidy_abandoned(["alpha", "beta"], own_server=False, say=said.append) == {"alpha": 1}
+        assert client.read_deployment(ids["alpha"]).paused and not client.read_deployment(ids["beta"]).paused
+        assert client.read_flow_run(overdue.id).state.name == "Cancelled"
+        assert client.read_flow_run(later.id).state.name != "Cancelled"
+        assert "alpha" in said[0]
+        # Paused now: nothing left to tidy; a server this process had to start means nobody polls.
+        assert tidy_abandoned(["alpha"], own_server=False, say=said.append) == {}
+        assert tidy_abandoned(["beta"], own_server=True, say=said.append) == {"beta": 0}
