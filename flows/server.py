@@ -13,6 +13,7 @@ last: after the flow has ended, its runs are closed and Prefect's log and event 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rft_core.lifecycle import die_with_parent
+
+logger = logging.getLogger("rft.prefect")
 
 # The slowest start seen on a loaded 2-core machine was about 45 s (Prefect's own default wait is 20).
 MIN_STARTUP_S = 120.0
@@ -164,6 +167,7 @@ def prefect_api() -> Iterator[str]:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    logger.info("starting a temporary Prefect server (it stops with this command)")
     server = start_temporary_server()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
