@@ -37,9 +37,13 @@ def stage_states(flow_run_id) -> dict[str, list[str]]:
 
 
 def flow_warnings(flow_run_id) -> list[str]:
+    """The flow run's warnings as the Prefect API holds them (logs travel there in the background:
+    sent first)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all(timeout=30)
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     return [log.message for log in logs if log.level >= 30]
