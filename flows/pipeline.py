@@ -51,7 +51,8 @@ def _results_storage(config: RFTConfig) -> str:
 class _StageRunner:
     """`run(task)(*args)` calls a stage task of this flow run: with the results storage (and
     `fresh`: recompute, refreshing the cache), reporting to the MLflow parent run, timed into
-    `seconds[task.name]`. A cache hit whose stage run belongs to an earlier pipeline run is tagged
+    `seconds[task.name]`. A cache hit whose files are gone or damaged (`stages.record_problem`)
+    is computed again. A cache hit whose stage run belongs to an earlier pipeline run is tagged
     `rft.reused.<stage>` on the parent run, so the parent points at the run that did the work."""
 
     parent_run_id: str
@@ -68,7 +69,15 @@ class _StageRunner:
 
         def call(*args: Any) -> Any:
             started = time.perf_counter()
-            record = configured(*args, parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri)
+            kwargs = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri}
+            state = configured(*args, **kwargs, return_state=True)
+            record = state.result()
+            if state.name == "Cached" and (problem := stages.record_problem(record)):
+                # The cache holds a record, not the files it names: files deleted or damaged since
+                # would fail a later stage with a message about something else. Run it again.
+                get_run_logger().warning("the cached %s result cannot be reused (%s): running %s again",
+                                         stage_task.name, problem, stage_task.name)
+                record = configured.with_options(refresh_cache=True)(*args, **kwargs)
             self.seconds[stage_task.name] = time.perf_counter() - started
             stage_run = getattr(record, "run_id", None)
             if stage_run and _parent_of(stage_run, self.tracking_uri) not in (self.parent_run_id, None):

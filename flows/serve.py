@@ -5,7 +5,14 @@ parameters and concurrency limits as `prefect deploy --prefect-file deployments/
 (they are read from that file), run as subprocesses of `rft serve` (Prefect's `serve`). Scheduled
 runs need a Prefect server, which runs the scheduler: `rft serve` uses the one `PREFECT_API_URL`
 names, else the one answering at http://127.0.0.1:PORT, else it starts `prefect server start` there
-for as long as it runs. Stopping `rft serve` (Ctrl-C) pauses the schedules it served.
+for as long as it runs (in its own session, and sent SIGTERM by Linux when `rft serve` dies, even
+by `kill -9`). Stopping `rft serve` (Ctrl-C, SIGTERM) pauses the schedules it served.
+
+A `kill -9` cannot pause anything: the deployments stay active in the server's database, and a
+server that outlives `rft serve` keeps scheduling runs that nobody starts. The next `rft serve`
+tidies up first (`tidy_abandoned`): every deployment of the file that it serves itself (no work
+pool), still active and polled by nobody, has its overdue scheduled runs cancelled and is paused;
+then the deployments it serves now are made active again.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from typing import Any
 import yaml
 
 from rft_core.files import FileProblem, read_text, yaml_error
+from rft_core.lifecycle import die_with_parent
 
 DEFAULT_PREFECT_FILE = Path("deployments/prefect.yaml")
 
@@ -170,8 +178,10 @@ def _start_server(port: int, say: Callable[[str], None]) -> subprocess.Popen[byt
         raise ServeError("the prefect command is not installed next to this Python")
     api_url = f"http://127.0.0.1:{port}/api"
     say(f"Starting a Prefect server at http://127.0.0.1:{port} (stops with rft serve)")
+    # Its own session: a Ctrl-C in the terminal reaches rft serve, which stops it last. Bound to
+    # this process's life: a kill -9 of rft serve takes it along.
     server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        die_with_parent([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]),
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -222,6 +232,66 @@ def _refuse_worker_deployments(deployments: list[Any]) -> None:
         raise ServeError(
             f"already deployed to a work pool: {names}. Serve them or deploy them, not both: {deletes}"
         )
+
+
+def _poll_seconds() -> float:
+    from prefect.settings import PREFECT_RUNNER_POLL_FREQUENCY
+
+    return float(PREFECT_RUNNER_POLL_FREQUENCY.value())
+
+
+def tidy_abandoned(
+    names: list[str], *, own_server: bool, say: Callable[[str], None] = print
+) -> dict[str, int]:
+    """Deployments named `names` that a stopped-uncleanly `rft serve` left active: served from a
+    process (no work pool), not paused, and polled by nobody (never, or not for three poll
+    intervals; any of them when this process had to start the server, as nobody could poll a
+    server that was down). Each has its scheduled runs that are already due cancelled (they fell
+    due while nobody served them; run all at once later, they would pile up) and is paused.
+    Returns {deployment: cancelled runs}."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterExpectedStartTime,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled
+
+    now = datetime.now(timezone.utc)
+    stale = timedelta(seconds=3 * _poll_seconds())
+    tidied: dict[str, int] = {}
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+        for deployment in found:
+            polled = deployment.last_polled
+            if deployment.work_pool_name or deployment.paused:
+                continue
+            if not own_server and polled is not None and now - polled < stale:
+                continue  # another rft serve is serving it
+            overdue = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                    expected_start_time=FlowRunFilterExpectedStartTime(before_=now),
+                ),
+            )
+            message = "cancelled by rft serve: it fell due while no rft serve was running"
+            for run in overdue:
+                client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+            client.pause_deployment(deployment.id)
+            tidied[deployment.name] = len(overdue)
+            say(
+                f"Deployment {deployment.name} was left active by an rft serve that did not stop cleanly: "
+                f"paused, {len(overdue)} overdue scheduled run(s) cancelled"
+            )
+    return tidied
 
 
 def serve_deployments(
@@ -276,6 +346,8 @@ def serve_deployments(
         with temporary_settings({PREFECT_API_URL: api_url}):
             deployments = [to_runner_deployment(entry) for entry in entries]
             _refuse_worker_deployments(deployments)
+            every = [d.get("name") for d in read_deployments(prefect_file)]
+            tidy_abandoned(every, own_server=server is not None, say=say)
             say(f"Serving {', '.join(e['name'] for e in entries)} with the Prefect API at {api_url}")
             serve(*deployments, limit=limit)
     finally:

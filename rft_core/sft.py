@@ -37,6 +37,8 @@ from rft_core.checkpoint import (
     save_checkpoint,
 )
 from rft_core.config import RFTConfig, SFTConfig
+from rft_core.integrity import reading, write_file
+from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
     add_lora,
     encode_completion,
@@ -52,11 +54,13 @@ from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    best_weights_usable,
     make_accelerator,
     save_weights,
     selection_key,
     stage_grader,
     step_positions,
+    stop_after_step,
 )
 
 logger = logging.getLogger("rft.sft")
@@ -217,7 +221,7 @@ def train_examples(
         key = selection_key(metrics)
         if settings.keep_best and (state["best"] is None or key > tuple(state["best"])):
             state["best"], state["best_step"] = list(key), step
-            save_weights(processes, model, processes.unwrap(model), best_dir)
+            save_weights(processes, model, processes.unwrap(model), best_dir, step=step)
         processes.wait()
 
     if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
@@ -225,7 +229,7 @@ def train_examples(
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
-    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar:
+    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar, deferring_stops():
         for step in range(start_step, total_steps):
             # Per-step seed: dropout and friends replay exactly after a resume.
             torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
@@ -263,7 +267,8 @@ def train_examples(
             if last:
                 run_eval(done)
             bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
-            if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
+            stopping = stop_after_step(processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
+            if stopping or (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
                 model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
                 optimizer_state = processes.optimizer_state(model, optimizer)
                 if processes.is_main:
@@ -272,9 +277,15 @@ def train_examples(
                         optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
                     )
                 processes.wait()
+            if stopping:
+                raise TrainingStopped(task, done, total_steps, ckpt_root / f"step-{done}")
 
-    if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
-        processes.load_weights(model, processes.unwrap(model), best_dir)
+    best_step = state["best_step"]
+    if settings.keep_best and best_step is not None and best_step != total_steps:
+        if best_weights_usable(best_dir, best_step):
+            processes.load_weights(model, processes.unwrap(model), best_dir)
+        else:
+            state["best"], state["best_step"] = None, None
     return model, state["history"], state
 
 
@@ -325,7 +336,8 @@ def run_sft(
             if checkpoint is not None:
                 from peft import PeftModel
 
-                return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+                with reading(checkpoint, "checkpoint adapter"):
+                    return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
             return add_lora(model, cfg.model)
         return load_model(checkpoint or base_model, cfg.model, device=processes.device, dtype=torch.float32)
 
@@ -349,7 +361,7 @@ def run_sft(
     model_dir = out_dir / "model"
     save_weights(processes, model, processes.unwrap(model), model_dir, tokenizer=tokenizer, merge=True)
     if processes.is_main:
-        (out_dir / "result.json").write_text(json.dumps({"metrics": final, "history": history}, indent=1))
+        write_file(out_dir / "result.json", json.dumps({"metrics": final, "history": history}, indent=1))
     processes.wait()
     return StageResult(str(model_dir), final, history)
 

@@ -126,6 +126,10 @@ class DataRecord:
     reports: dict[str, dict[str, Any]]
     run_id: str | None = None
 
+    def outputs(self) -> list[str]:
+        """The files this record hands to later stages (`record_problem` checks them)."""
+        return [p for p in (self.train_items, self.val_items) if p]
+
 
 @dataclass
 class SplitRecord:
@@ -140,6 +144,9 @@ class SplitRecord:
     leakage: int
     run_id: str | None = None
 
+    def outputs(self) -> list[str]:
+        return [self.train_items, self.val_items, self.manifest]
+
 
 @dataclass
 class ModelRecord:
@@ -150,6 +157,11 @@ class ModelRecord:
     model_uri: str | None = None
     run_id: str | None = None
     seconds: float = 0.0
+
+    def outputs(self) -> list[str]:
+        # An absolute path is a directory rft wrote (a stage's model, the tiny model); anything
+        # else is a hub id or the user's own path, not ours to check.
+        return [self.model_dir] if Path(self.model_dir).is_absolute() else []
 
 
 @dataclass
@@ -169,6 +181,19 @@ class RegisterRecord:
 
 def to_dict(record: Any) -> dict[str, Any]:
     return asdict(record)
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a stage's record (e.g. a cached result) cannot be handed on, or None: a file or
+    directory it names is gone or damaged (`integrity.directory_problem`: a model directory against
+    its manifest; a Parquet file by its framing). Names the path."""
+    from rft_core.integrity import directory_problem, file_problem
+
+    for path in getattr(record, "outputs", list)():
+        problem = directory_problem(path) if Path(path).is_dir() else file_problem(path)
+        if problem is not None:
+            return f"{path}: {problem}"
+    return None
 
 
 # --------------------------------------------------------------------------- tracking glue

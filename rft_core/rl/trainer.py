@@ -40,6 +40,8 @@ from rft_core.config import RFTConfig
 from rft_core.evaluate import validation_metrics
 from rft_core.generation import Sampling, row_seeds
 from rft_core.graders import GradeResult, grade_batch
+from rft_core.integrity import reading, write_file
+from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
     add_lora,
     decode,
@@ -59,6 +61,7 @@ from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    best_weights_usable,
     disable_dropout,
     item_records,
     make_accelerator,
@@ -66,6 +69,7 @@ from rft_core.training import (
     selection_key,
     stage_grader,
     step_positions,
+    stop_after_step,
     sub_state,
     training_mode,
 )
@@ -480,7 +484,8 @@ class RLTrainer:
             if checkpoint is not None:
                 from peft import PeftModel
 
-                return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
+                with reading(checkpoint / "model", "checkpoint adapter"):
+                    return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
             return add_lora(base, self.cfg.model)
         source = checkpoint / "model" if checkpoint is not None else self.init_model
         return load_model(source, self.cfg.model, device=device, dtype=torch.float32)
@@ -509,7 +514,10 @@ class RLTrainer:
         if self.start_iteration == 0 and rl.eval_interval:
             self._log(self.validate(0), 0)
         shown = {}  # the figures beside the progress: training reward, KL, the last validation
-        with progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar:
+        with (
+            progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar,
+            deferring_stops(),
+        ):
             for iteration in range(self.start_iteration, rl.iterations):
                 stats = self.iteration(iteration)
                 done = iteration + 1
@@ -518,8 +526,11 @@ class RLTrainer:
                 self._log(stats, done)
                 shown.update({key: stats[key] for key in _SHOWN if key in stats})
                 bar.update(done, **shown)
-                if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
+                stopping = stop_after_step(self.processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
+                if stopping or (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
                     self.checkpoint(done)
+                if stopping:
+                    raise TrainingStopped("rl", done, rl.iterations, self.ckpt_root / f"step-{done}")
         return self.finish()
 
     def validate(self, iteration: int) -> dict[str, float]:
@@ -532,7 +543,9 @@ class RLTrainer:
         key = selection_key(metrics)
         if self.rl.keep_best and (best is None or key > tuple(best)):
             self.state["best"], self.state["best_iteration"] = list(key), iteration
-            save_weights(self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.")
+            save_weights(
+                self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.", step=iteration
+            )
         return metrics
 
     def checkpoint(self, iteration: int) -> None:
@@ -555,8 +568,12 @@ class RLTrainer:
         history = self.state["history"]
         chosen = history[-1] if history else {}
         best_iteration = self.state.get("best_iteration")
-        if self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations:
-            processes.load_weights(self.model, self.policy, self.out_dir / "best", prefix="policy.")
+        best_dir = self.out_dir / "best"
+        if (
+            self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations
+            and best_weights_usable(best_dir, best_iteration)
+        ):
+            processes.load_weights(self.model, self.policy, best_dir, prefix="policy.")
             chosen = next(h for h in history if h["step"] == best_iteration)
         model_dir = self.out_dir / "model"
         save_weights(
@@ -566,7 +583,7 @@ class RLTrainer:
         if processes.is_main:
             if head is not None:
                 torch.save(head, self.out_dir / "value_head.pt")
-            (self.out_dir / "result.json").write_text(json.dumps({"metrics": chosen, "history": history}, indent=1))
+            write_file(self.out_dir / "result.json", json.dumps({"metrics": chosen, "history": history}, indent=1))
         processes.wait()
         return StageResult(str(model_dir), {k: float(v) for k, v in chosen.items()}, history)
 

@@ -37,6 +37,7 @@ from rft_core.tracking.registry import (
 from rft_core.tracking.runs import (
     artifact_link,
     config_tags,
+    end_abandoned_runs,
     end_run,
     ensure_experiment,
     find_pipeline_run,
@@ -95,6 +96,7 @@ __all__ = [
     "decide",
     "default_tracking_uri",
     "download_model",
+    "end_abandoned_runs",
     "end_run",
     "ensure_experiment",
     "find_pipeline_run",

@@ -21,6 +21,14 @@ TAG_REGRESSION_THRESHOLD = "regression.threshold"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under it
 TAG_GIT_COMMIT_RUN = "mlflow.source.git.commit"  # the key MLflow's UI shows as the source version
 TAG_GRADER_SANDBOX = "rft.grader.sandbox"  # on a pipeline run: how python graders were isolated
+# The process that keeps a run open (pipeline and stage runs): a later run ends the run KILLED
+# when that process is gone (killed without closing it).
+TAG_OWNER_HOST = "rft.owner.host"
+TAG_OWNER_PID = "rft.owner.pid"
+TAG_OWNER_STARTED = "rft.owner.started"  # the owner's start time: a reused pid is another process
+TAG_ENDED_BECAUSE = "rft.ended_because"  # on a run ended KILLED: why (stopped on request, owner gone)
+TAG_REPLACED_BY = "rft.replaced_by"  # on a run its owner abandoned: the pipeline run that ended it
+TAG_REPLACES = "rft.replaces"  # on a pipeline run: the abandoned pipeline runs it ended (comma-separated)
 
 KIND_PIPELINE = "pipeline"
 KIND_REGRESSION = "regression-evaluation"
