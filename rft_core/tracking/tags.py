@@ -21,6 +21,7 @@ TAG_REGRESSION_THRESHOLD = "regression.threshold"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under it
 TAG_GIT_COMMIT_RUN = "mlflow.source.git.commit"  # the key MLflow's UI shows as the source version
 TAG_GRADER_SANDBOX = "rft.grader.sandbox"  # on a pipeline run: how python graders were isolated
+TAG_GUARD = "rft.guard"  # on the rl run and its pipeline run: what the RL guard did, a line per event
 
 KIND_PIPELINE = "pipeline"
 KIND_REGRESSION = "regression-evaluation"
@@ -38,6 +39,11 @@ GATE_METRIC = "gate.metric"
 GATE_CHAMPION_VERSION = "gate.champion_version"
 GATE_CHAMPION_VALUE = "gate.champion_value"
 GATE_TIME = "gate.time"
+GATE_RULE = "gate.rule"  # the gate rule that decided (tracking.gate: RULE_*)
+GATE_HISTORY = "gate.history"  # every decision on the version, oldest first (JSON list): the audit trail
+GATE_HISTORY_LIMIT = 100
+START_METRIC_TAG_PREFIX = "start_metric."  # + metric key: the value for the model training started from
+TAG_WEIGHTS_FINITE = "weights_finite"  # "true" / "false": every registered weight is a finite number
 ROLLED_BACK = "rollback.demoted_at"
 
 # Registered model tags.
