@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
-from rft_core import stages, tracking
+from rft_core import preflight, stages, tracking
 from rft_core.config import RFTConfig
 from rft_core.graders.sandbox import sandbox_warning
 from rft_core.tracking import tags
@@ -94,6 +94,7 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
     config = config or RFTConfig()
     log = get_run_logger()
     logging.getLogger("rft").setLevel(logging.INFO)
+    preflight.check(config)  # what needs no training to find fails now, not after it
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
     if warning := sandbox_warning(config.grader.sandbox):
@@ -128,7 +129,10 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
             "rejected": {role: rep["rejected"] for role, rep in data.reports.items()},
             "model_dir": final.model_dir,
             "training_curve": curve,
+            "guard": [event["message"] for event in getattr(models.get("rl"), "events", None) or []],
         }
+        for message in summary["guard"]:
+            log.warning("RL guard: %s", message)
         if config.registry.enabled and final.model_uri:
             registered = run(register_model)(config, split, final, evaluation)
             summary["registered"] = {"name": registered.name, "version": registered.version}
@@ -160,6 +164,8 @@ def _report(summary: dict[str, Any], uri: str) -> str:
         metric = summary.get("gate_metric", "eval/accuracy").rsplit("/", 1)[-1]
         table[f"champion v{gate['champion_version']}"] = {metric: gate["champion_value"]}
     lines = ["# RFT evaluation (validation set)", "", stages.evaluation_table(table), ""]
+    if summary.get("guard"):
+        lines += ["**The RL guard acted**:", *(f"- {message}" for message in summary["guard"]), ""]
     if "registered" in summary:
         reg = summary["registered"]
         lines.append(f"Registered **{reg['name']}** version **{reg['version']}**.")

@@ -73,6 +73,10 @@ def run_cmd(
     KILLED and prints the command that resumes; a second Ctrl-C stops at once."""
     _quiet_libraries()
     cfg = load_config(config, set_)
+    from rft_core.preflight import preflight
+
+    if problems := preflight(cfg):  # before Prefect and MLflow start: seconds, not a run
+        raise fail("\n".join(problems))
     from rft_core import tracking
     from rft_core.lifecycle import stop_on_signals
 
@@ -144,6 +148,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     if "sft" in metrics and "rl" in metrics:
         gain = 100 * (metrics["rl"]["accuracy"] - metrics["sft"]["accuracy"])
         console.print(f"RL vs warm-up SFT: {gain:+.1f} points of validation accuracy")
+    for message in summary.get("guard") or []:
+        console.print(f"RL guard: {message}", markup=False, highlight=False)
     times = Table(title="Time per stage (s)", title_justify="left")
     for name in summary["seconds"]:
         times.add_column(name, justify="right")

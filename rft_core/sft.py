@@ -37,6 +37,7 @@ from rft_core.checkpoint import (
     save_checkpoint,
 )
 from rft_core.config import RFTConfig, SFTConfig
+from rft_core.guards import NonFiniteError, diverged
 from rft_core.integrity import reading, write_file
 from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
@@ -164,6 +165,7 @@ def train_examples(
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     identity: dict[str, Any] | None = None,
     task: str = "sft",
+    lr_key: str = "sft.lr",
 ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
     """The supervised loop. Returns the trained model as `processes.prepare` returned it (best
     checkpoint's weights when `settings.keep_best` and validation ran), the metric history and the
@@ -172,7 +174,8 @@ def train_examples(
     `make_model(checkpoint_model_dir or None)` builds the trainable model: from the base, or from a
     checkpoint's `model/` directory when resuming. A checkpoint left in `out_dir` by a run with
     other settings (the training fields of `settings`, the examples, `identity`: e.g. the starting
-    model) is refused. Progress is reported under the name `task`.
+    model) is refused. Progress is reported under the name `task`; a step that diverges (non-finite
+    gradients or weights) stops the loop with an error naming `lr_key`, the setting to lower.
     """
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -247,8 +250,11 @@ def train_examples(
                 processes.backward(nll / target_tokens)  # the token-mean over the whole step
                 loss_total += float(nll.detach())
                 tokens_seen += int(batch["attention_mask"].sum())
-            grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
             done = step + 1
+            try:
+                grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
+            except NonFiniteError as exc:
+                raise diverged(exc, where=f"{task} step {done}", lr_key=lr_key, lr=settings.lr, checkpoints=ckpt_root) from None
             step_loss = processes.total(loss_total) / target_tokens  # a collective: every rank
             if log and processes.is_main:
                 elapsed = time.perf_counter() - started
@@ -399,6 +405,6 @@ def train_language_model(
 
     trained, _, _ = train_examples(
         make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
-        out_dir=out_dir, processes=processes, log=log, task="pretrain",
+        out_dir=out_dir, processes=processes, log=log, task="pretrain", lr_key="model.tiny.pretrain_lr",
     )
     return trained

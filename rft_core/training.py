@@ -13,7 +13,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from rft_core.config import RFTConfig
+from rft_core.guards import NonFiniteError, all_finite
 from rft_core.integrity import directory_problem, manifest_meta, reading, writing_directory
 from rft_core.lifecycle import stop_requested
 from rft_core.models import compute_in
@@ -40,6 +41,7 @@ class StageResult:
     model_dir: str
     metrics: dict[str, float]
     history: list[dict[str, float]]
+    events: list[dict[str, Any]] = field(default_factory=list)  # what the RL guard did (rl/guard.py)
 
 
 def make_accelerator(device: torch.device) -> Accelerator:
@@ -313,12 +315,20 @@ class Processes:
         max_grad_norm: float,
     ) -> float:
         """Clip the gradients' norm, step the optimizer and the schedule, clear the gradients.
-        Returns the norm before clipping."""
+        Returns the norm before clipping.
+
+        Raises `NonFiniteError` on a non-finite gradient norm (before stepping: the weights stay as
+        they were; with float16's gradient scaler, an overflow is its business, not an error) and
+        on non-finite weights after the step. Every process agrees on it (one all-reduce), so
+        none is left waiting in a collective."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
+        if self.scaler is None and not self._everywhere(bool(torch.isfinite(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite gradient norm ({float(grad_norm)}); the step was not applied")
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -326,7 +336,16 @@ class Processes:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not self._everywhere(all_finite(params)):
+            lr = optimizer.param_groups[0]["lr"]
+            raise NonFiniteError(f"non-finite weights after an optimizer step at lr {lr:g} (gradient norm {float(grad_norm):g})")
         return float(grad_norm)
+
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process (a collective: every process calls it)."""
+        if self.world == 1:
+            return ok
+        return self.total(0.0 if ok else 1.0) == 0
 
     # ------------------------------------------------------------------ statistics
 

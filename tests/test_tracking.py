@@ -355,8 +355,48 @@ def test_gate_promotes_first_version_then_only_a_better_one(store: str, model_ur
     assert tags["gate.reason"] == refused.reason
     assert tags["gate.champion_version"] == str(v1)
     assert tags["gate.champion_value"] == "0.5"
+    assert tags["gate.rule"] == "not-better"
     assert client(store).get_model_version(name, str(v3)).tags["gate.decision"] == "promoted"
     assert gate(name, v3).reason == f"version {v3} is already the champion"
+
+
+def test_gating_a_version_again_appends_to_its_history(store: str, model_uri: str) -> None:
+    """A cached rerun of a pipeline gates its version again: the earlier decision stays on record."""
+    name = "gate-history"
+    v1, v2 = register(model_uri, name, 0.5), register(model_uri, name, 0.4)
+    gate(name, v1)
+    first = gate(name, v2)
+    again = gate(name, v2, min_improvement=0.0)
+    tags = client(store).get_model_version(name, str(v2)).tags
+    history = json.loads(tags["gate.history"])
+    assert [h["gate.reason"] for h in history] == [first.reason, again.reason]
+    assert all(h["gate.time"] for h in history) and tags["gate.reason"] == again.reason
+
+
+def health_version(model_uri: str, name: str, value: float, **tags: str) -> int:
+    return tracking.register_model(
+        model_uri, name, metrics={"eval/accuracy": value, "eval/grader_error_share": float(tags.pop("errors", 0.0))},
+        data_digest="val-1", tags=tags,
+    )
+
+
+def test_the_gate_reads_a_versions_health_from_its_tags(store: str, model_uri: str) -> None:
+    """With no champion yet: worse than its start, non-finite weights, graded mostly by errors are
+    each refused, with the rule tagged; a healthy version is then promoted."""
+    name = "gate-health"
+    cases = {
+        "worse-than-start": health_version(model_uri, name, 0.4, **{"start_metric.eval/accuracy": "0.83", "weights_finite": "true"}),
+        "non-finite": health_version(model_uri, name, 0.9, weights_finite="false"),
+        "grader-errors": health_version(model_uri, name, 0.0, errors="0.95", weights_finite="true"),
+    }
+    for rule, version in cases.items():
+        decision = gate(name, version)
+        assert not decision.promoted and decision.rule == rule, decision
+        assert client(store).get_model_version(name, str(version)).tags["gate.rule"] == rule
+        assert tracking.champion_version(name) is None
+    healthy = health_version(model_uri, name, 0.9, **{"start_metric.eval/accuracy": "0.83", "weights_finite": "true"})
+    assert gate(name, healthy).promoted and tracking.champion_version(name) == healthy
+    assert not gate(name, cases["non-finite"], force=True).promoted
 
 
 def described_config(**sections: object) -> RFTConfig:
@@ -419,16 +459,23 @@ def test_the_gate_writes_its_decision_into_the_description_each_time_it_decides(
         return client(store).get_model_version(name, str(version)).description
 
     first = description(v1)
-    assert "### Gate\n\n**promoted** to champion on `eval/accuracy`: " in first and "Not decided yet" not in first
+    assert "### Gate\n\n**promoted** to champion on `eval/accuracy` (rule `no-champion`): " in first
+    assert "Not decided yet" not in first
     assert first.startswith("Reinforcement fine-tuned by rft")  # the rest of the description is kept
     second = description(v2)
-    assert f"**refused** (champion unchanged) on `eval/accuracy`: {refused.reason}" in second
+    assert f"**refused** (champion unchanged) on `eval/accuracy` (rule `not-better`): {refused.reason}" in second
     assert f"This version: 0.4; champion before: v{v1} (0.5)." in second
-    # `rft promote --force` goes through the same function: the gate section is replaced, not added.
+    # `rft promote --force` goes through the same function: one gate section, the latest decision
+    # first, the earlier ones kept below it (the audit trail), in the description and in gate.history.
     assert invoke(cli, "promote", name, str(v2), "--force", "--tracking-uri", store).exit_code == 0
     forced = description(v2)
-    assert forced.count("### Gate") == 1 and "**promoted** to champion" in forced and "refused" not in forced
+    assert forced.count("### Gate") == 1
+    latest, earlier = forced.split("### Gate")[1].split("Earlier decisions:")
+    assert "**promoted** to champion on `eval/accuracy` (rule `forced`)" in latest and "refused" not in latest
+    assert f"refused (not-better): {refused.reason}" in earlier
     assert forced.split("### Gate")[0] == second.split("### Gate")[0]
+    history = json.loads(client(store).get_model_version(name, str(v2)).tags["gate.history"])
+    assert [(h["gate.decision"], h["gate.rule"]) for h in history] == [("refused", "not-better"), ("promoted", "forced")]
     # A version registered without a description gets the gate section alone.
     v3 = register(model_uri, name, 0.9)
     gate(name, v3)
