@@ -17,7 +17,7 @@ from rich.table import Table
 from rft.errors import fail
 from rft.progress import live_progress
 from rft_core.config import ConfigError, RFTConfig
-from rft_core.files import FileProblem, check_readable, refuse_inputs
+from rft_core.files import FileProblem, refuse_inputs
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: the built-in demo).")
@@ -29,20 +29,18 @@ SetOption = Annotated[
 
 
 def load_config(config: Path | None, overrides: list[str] | None) -> RFTConfig:
-    """The config of the command line, and every file it names checked to be a readable regular
-    file (before any stage: a FIFO or a missing file is one line here, not a failed task later)."""
+    """The config of the command line, with everything that needs no training checked
+    (`rft_core.preflight`: the files it names, the grader spec, a local model directory, the
+    output directory): a FIFO, a missing file or an invalid spec is one line each here, not a
+    failed task later."""
+    from rft_core.preflight import preflight
+
     try:
         cfg = RFTConfig.load(config, overrides or [])
     except ConfigError as exc:
         raise fail(str(exc)) from None
-    named = {"data file (data.train_path)": cfg.data.train_path, "validation file (data.val_path)": cfg.data.val_path,
-             "grader file (grader.file)": cfg.grader.file}
-    for what, path in named.items():
-        if path is not None:
-            try:
-                check_readable(path, what)
-            except FileProblem as exc:
-                raise fail(str(exc)) from None
+    if problems := preflight(cfg):
+        raise fail("\n".join(problems))
     return cfg
 
 
@@ -73,10 +71,6 @@ def run_cmd(
     KILLED and prints the command that resumes; a second Ctrl-C stops at once."""
     _quiet_libraries()
     cfg = load_config(config, set_)
-    from rft_core.preflight import preflight
-
-    if problems := preflight(cfg):  # before Prefect and MLflow start: seconds, not a run
-        raise fail("\n".join(problems))
     from rft_core import tracking
     from rft_core.lifecycle import stop_on_signals
 

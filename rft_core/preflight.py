@@ -20,10 +20,10 @@ from rft_core.config import ConfigError, RFTConfig
 def preflight(cfg: RFTConfig) -> list[str]:
     """Every problem found in `cfg` without training, one line each (empty: none found)."""
     problems: list[str] = []
-    for key in ("train_path", "val_path"):
-        path = getattr(cfg.data, key)
-        if path is not None and (problem := _file_problem(Path(path))):
-            problems.append(f"data.{key}: {problem}")
+    for what, path in (("data file (data.train_path)", cfg.data.train_path),
+                       ("validation file (data.val_path)", cfg.data.val_path)):
+        if path is not None and (problem := _file_problem(path, what)):
+            problems.append(problem)
     problems += _grader_problems(cfg)
     problems += _model_problems(cfg)
     out = Path(cfg.output_dir)
@@ -40,21 +40,22 @@ def check(cfg: RFTConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _file_problem(path: Path) -> str | None:
-    if not path.exists():
-        return f"{path} does not exist"
-    if not path.is_file():
-        return f"{path} is not a regular file"
-    if not os.access(path, os.R_OK):
-        return f"{path} cannot be read (permissions)"
+def _file_problem(path: str | Path, what: str) -> str | None:
+    """Why `path` cannot be read as a file (`files.check_readable`'s one line), or None."""
+    from rft_core.files import FileProblem, check_readable
+
+    try:
+        check_readable(path, what)
+    except FileProblem as exc:
+        return str(exc)
     return None
 
 
 def _grader_problems(cfg: RFTConfig) -> list[str]:
     from rft_core.graders import validate_grader_spec
 
-    if cfg.grader.file is not None and (problem := _file_problem(Path(cfg.grader.file))):
-        return [f"grader.file: {problem}"]
+    if cfg.grader.file is not None and (problem := _file_problem(cfg.grader.file, "grader file (grader.file)")):
+        return [problem]
     try:
         spec = cfg.grader.resolved_spec()
     except Exception as exc:  # an unreadable or unparsable grader file: its reader's own words

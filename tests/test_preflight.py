@@ -68,8 +68,8 @@ def test_every_problem_of_a_config_is_listed_at_once(tmp_path) -> None:
         f"grader.file={grader_file}",
         f"model.name_or_path={tmp_path / 'model'}",
     ))
-    assert problems[0] == f"data.train_path: {tmp_path / 'missing.jsonl'} does not exist"
-    assert problems[1] == f"data.val_path: {tmp_path / 'a-dir'} is not a regular file"
+    assert problems[0] == f"{tmp_path / 'missing.jsonl'}: data file (data.train_path) not found (no such file; check the path)"
+    assert problems[1].startswith(f"{tmp_path / 'a-dir'}: is a directory") and "data.val_path" in problems[1]
     assert any(p.startswith(f"grader.file {grader_file}: ") and "sort-of" in p for p in problems)
     assert problems[-1] == f"model.name_or_path: {tmp_path / 'model'} has no config.json (not a saved model directory)"
 
@@ -109,7 +109,9 @@ def test_rft_run_stops_on_preflight_problems_in_one_line_each_before_starting_an
         app, ["run", "--set", f"data.train_path={tmp_path / 'nope.jsonl'}", "--set", f"output_dir={tmp_path}"]
     )
     assert result.exit_code == 2
-    assert result.stderr.strip() == f"error: data.train_path: {tmp_path / 'nope.jsonl'} does not exist"
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'nope.jsonl'}: data file (data.train_path) not found (no such file; check the path)"
+    )
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "stages").exists()
 
 
