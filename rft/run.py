@@ -72,6 +72,7 @@ def run_cmd(
     _quiet_libraries()
     cfg = load_config(config, set_)
     from rft_core import tracking
+    from rft_core.compute import ComputeError
     from rft_core.lifecycle import stop_on_signals
 
     try:
@@ -92,6 +93,8 @@ def run_cmd(
         raise fail(str(exc)) from None
     except ServerError as exc:
         raise fail(str(exc)) from None
+    except ComputeError as exc:  # a stage's processes failed or could not start (rank, error)
+        raise fail(f"{exc}\nResume with: {resume_command(config, set_, as_json)}") from None
     except KeyboardInterrupt as exc:
         raise stopped(exc, resume_command(config, set_, as_json)) from None
     if as_json:
@@ -174,7 +177,9 @@ def train_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Stage directory (default: under output_dir).")] = None,
 ) -> None:
-    """Run one training stage without the orchestrator; works under `accelerate launch`."""
+    """Run one training stage without the orchestrator: where the config's `compute` section says
+    (this process, several on this machine, a Ray cluster), or, under `accelerate launch`, on the
+    processes it started (`sft.batch_size` is then per process)."""
     _quiet_libraries()
     if stage not in ("sft", "rl"):
         raise fail(f"stage {stage!r}: expected sft or rl")
@@ -191,35 +196,82 @@ def train_cmd(
                           what="--out directory", fills_directory=True)
         except FileProblem as exc:
             raise fail(str(exc)) from None
-    from accelerate import Accelerator
+    from rft_core import compute
+    from rft_core.lifecycle import stop_on_signals
 
+    try:
+        with stop_on_signals():
+            if compute.launched_by_hand() or compute.in_process(cfg):
+                result, main = _train_here(stage, cfg, init_model, out)
+            else:
+                result, main = _train_on_ray(stage, cfg, init_model, out), True
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "the same command (it resumes from the last checkpoint)") from None
+    except compute.ComputeError as exc:  # the stage's processes failed or could not start
+        raise fail(f"{exc} (the same command resumes from the last checkpoint)") from None
+    except ConfigError as exc:  # settings that do not split over the processes Ray gave
+        raise fail(str(exc)) from None
+    if main:
+        typer.echo(json.dumps({"model_dir": result.model_dir, "metrics": result.metrics}, indent=1))
+
+
+def _train_here(stage: str, cfg: RFTConfig, init_model: str | None, out: Path | None) -> tuple[Any, bool]:
+    """One stage in this process, one of the processes `accelerate launch` started (or the only
+    one); returns its result and whether this is the main process."""
     from rft_core import stages
     from rft_core.data import read_items
-    from rft_core.lifecycle import stop_on_signals
     from rft_core.models import pick_device
     from rft_core.rl.trainer import run_rl
     from rft_core.sft import run_sft
     from rft_core.training import make_accelerator
 
-    device = pick_device(cfg.model.device)
-    accelerator: Accelerator = make_accelerator(device)
-    try:
-        with stop_on_signals():
-            # Data stages and the tiny model are prepared once, by the main process; the others wait.
-            with accelerator.main_process_first():
-                data = stages.validate_stage(cfg)
-                split = stages.split_stage(cfg, data)
-                base = stages.base_model_path(cfg, split)
-            train, val = read_items(split.train_items), read_items(split.val_items)
-            if stage == "sft":
-                work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
-                result = run_sft(cfg, train, val, base, work, accelerator=accelerator)
-            else:
-                start = init_model or base
-                record = stages.ModelRecord(stages.hash_of(start), "sft", start)
-                work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, record))
-                result = run_rl(cfg, train, val, start, work, accelerator=accelerator)
-    except KeyboardInterrupt as exc:
-        raise stopped(exc, "the same command (it resumes from the last checkpoint)") from None
-    if accelerator.is_main_process:
-        typer.echo(json.dumps({"model_dir": result.model_dir, "metrics": result.metrics}, indent=1))
+    accelerator = make_accelerator(pick_device(cfg.model.device))
+    # Data stages and the tiny model are prepared once, by the main process; the others wait.
+    with accelerator.main_process_first():
+        data = stages.validate_stage(cfg)
+        split = stages.split_stage(cfg, data)
+        base = stages.base_model_path(cfg, split)
+    train, val = read_items(split.train_items), read_items(split.val_items)
+    if stage == "sft":
+        work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
+        return run_sft(cfg, train, val, base, work, accelerator=accelerator), accelerator.is_main_process
+    start = rl_start(cfg, split, base, init_model)
+    work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, start))
+    return run_rl(cfg, train, val, start.model_dir, work, accelerator=accelerator), accelerator.is_main_process
+
+
+def _train_on_ray(stage: str, cfg: RFTConfig, init_model: str | None, out: Path | None) -> Any:
+    """One stage on the processes the `compute` section asks for (`rft_core.compute`), as the
+    pipeline runs it (no MLflow tracking here)."""
+    from rft_core import stages
+    from rft_core.compute import StageJob, run_stage
+
+    split = stages.split_stage(cfg, stages.validate_stage(cfg))
+    base = stages.base_model_path(cfg, split)
+    if stage == "sft":
+        work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
+        return run_stage(StageJob("sft", cfg, split.train_items, split.val_items, base, str(work)))
+    start = rl_start(cfg, split, base, init_model)
+    work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, start))
+    return run_stage(StageJob("rl", cfg, split.train_items, split.val_items, start.model_dir, str(work)))
+
+
+def rl_start(cfg: RFTConfig, split: Any, base: str, init_model: str | None) -> Any:
+    """The model RL starts from: `--init-model`, else the sft stage's result for this config (the
+    base model when sft.enabled is false), as the pipeline would hand it on (its record, so that
+    the RL stage directory is the pipeline's too: either resumes the other's checkpoints)."""
+    from rft_core import stages
+    from rft_core.integrity import directory_problem
+
+    if init_model is not None:
+        return stages.ModelRecord(stages.hash_of(init_model), "sft", init_model)
+    key = stages.sft_key(cfg, split)
+    if not cfg.sft.enabled:
+        return stages.ModelRecord(key, "sft", base)
+    model_dir = stages.stage_path(cfg, "sft", key) / "model"
+    if (problem := directory_problem(model_dir)) is not None:
+        raise fail(
+            f"rl starts from the sft stage's result for this config, {model_dir}, but {problem}: run "
+            "`rft train sft` with the same config first (or rft run), or name the model with --init-model"
+        )
+    return stages.ModelRecord(key, "sft", str(model_dir))

@@ -575,11 +575,62 @@ def registered_name_problem(name: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- compute
+
+
+class ComputeConfig(Section):
+    """Where the SFT and RL stages train: in the pipeline's own process (the default), on several
+    processes of this machine, or on a Ray cluster (`rft_core.compute`). The stage computes the same
+    update whatever this says (its cache key leaves it out): `sft.batch_size` is then split over the
+    processes, and `rl.prompts_per_iteration` and `rl.minibatch_size` are totals already."""
+
+    processes: int | Literal["auto"] = Field(
+        1,
+        description="Training processes per machine. auto: one per visible GPU (on a Ray cluster: the "
+        "GPUs of its largest GPU node), 1 without a GPU. More than 1 in all runs on Ray.",
+    )
+    machines: int = Field(
+        1, ge=1, description="Machines of the Ray cluster to train on (more than 1 needs compute.address)."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: each process holds the whole model (data parallel). fsdp: FSDP2 shards weights, "
+        "gradients and optimizer state over the processes (full fine-tuning only, not LoRA).",
+    )
+    address: str | None = Field(
+        None,
+        description="The Ray cluster: host:port of its head (GCS, usually port 6379), ray://host:10001, "
+        "or auto (RAY_ADDRESS, else the cluster `ray start` started on this machine). None: this "
+        "machine (a Ray instance of its own for the stage when it trains on more than one process).",
+    )
+    start_timeout_s: float = Field(
+        600.0, gt=0.0,
+        description="How long a stage waits for Ray to start all its training processes (resources "
+        "free, nodes joining) before it fails naming what it asked for.",
+    )
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise PydanticCustomError("processes", "a number of processes (1 or more) or auto")
+
+    @model_validator(mode="after")
+    def _machines_need_a_cluster(self) -> ComputeConfig:
+        if self.machines > 1 and self.address is None:
+            raise ValueError(
+                f"compute.machines={self.machines} needs a Ray cluster: set compute.address "
+                "(host:port of its head, or auto)"
+            )
+        return self
+
+
 # --------------------------------------------------------------------------- the whole
 
 
 class RFTConfig(Section):
-    """A whole pipeline run: data, model, SFT, RL, grader, evaluation, tracking, registry."""
+    """A whole pipeline run: data, model, SFT, RL, grader, evaluation, tracking, registry, compute."""
 
     experiment: str = Field("rft", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="Name of the MLflow parent run.")
@@ -593,6 +644,7 @@ class RFTConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,7 +2,9 @@
 
 `preflight(cfg)` finds every problem of a config that needs no training to find: data files that
 are missing or not files, a grader spec that is invalid or cannot be read, a local model directory
-that does not hold a model, an output directory that cannot be written. The pipeline calls it
+that does not hold a model, an output directory that cannot be written, a `compute` section that
+cannot run (Ray missing, a Ray cluster that cannot be reached, settings that do not split over the
+processes: `rft_core.compute.problems`). The pipeline calls it
 before its first stage and `rft run` before it starts anything, so a mistake costs seconds, not
 a training run. (Field values, `inf` and registry names are refused when the config loads; what
 needs the data read, such as worked solutions for SFT, is checked by the validate and split
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rft_core import compute
 from rft_core.config import ConfigError, RFTConfig
 
 
@@ -26,6 +29,7 @@ def preflight(cfg: RFTConfig) -> list[str]:
             problems.append(problem)
     problems += _grader_problems(cfg)
     problems += _model_problems(cfg)
+    problems += compute.problems(cfg)  # Ray installed where needed, the cluster reachable (by address)
     out = Path(cfg.output_dir)
     existing = next((p for p in (out, *out.resolve().parents) if p.exists()), None)
     if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):

@@ -369,20 +369,21 @@ def base_model_path(cfg: RFTConfig, split: SplitRecord, log=None) -> str:
 
 def sft_stage(cfg: RFTConfig, split: SplitRecord, track: Tracking | None = None) -> ModelRecord:
     """Warm-up SFT on the items with worked solutions (or the base model when SFT is off)."""
-    from rft_core.data import read_items
-    from rft_core.sft import run_sft
+    from rft_core.compute import StageJob, run_stage
 
     track = track or Tracking()
     key = sft_key(cfg, split)
     work = stage_dir(cfg, "sft", key)
     started = time.perf_counter()
-    params = {"model": cfg.model.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json")}
+    params = {"model": cfg.model.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json"),
+              "compute": cfg.compute.model_dump(mode="json")}
     with track.stage("sft", params) as run_id:
         base = base_model_path(cfg, split, log=track.logger(run_id, "pretrain"))
         if not cfg.sft.enabled:
             return ModelRecord(key, "sft", base, run_id=run_id, seconds=time.perf_counter() - started)
-        train, val = read_items(split.train_items), read_items(split.val_items)
-        result = run_sft(cfg, train, val, base, work, log=track.logger(run_id, "sft"))
+        # In this process or on several (`compute`): the same update, so the same key.
+        result = run_stage(StageJob("sft", cfg, split.train_items, split.val_items, base, str(work),
+                                    run_id=run_id, tracking_uri=track.tracking_uri))
         record = ModelRecord(key, "sft", result.model_dir, result.metrics, run_id=run_id)
         if run_id:
             _log_metrics(track, run_id, "sft", {f"final_{k}": v for k, v in result.metrics.items() if k != "step"})
@@ -401,18 +402,19 @@ ROLLOUT_SAMPLES = "rollout_samples.json"
 def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracking | None = None) -> ModelRecord:
     """PPO or GRPO with the grader, from the warm-up model; samples of a few iterations go to the
     rl run's table `rollout_samples.json`."""
-    from rft_core.data import read_items
-    from rft_core.rl.trainer import run_rl
+    from rft_core.compute import StageJob, run_stage
 
     track = track or Tracking()
     key = rl_key(cfg, sft)
     work = stage_dir(cfg, "rl", key)
     started = time.perf_counter()
     _check_rl_batch(cfg, split.n_train)  # also here: a cached split did not see this rl section
-    with track.stage("rl", {"rl": cfg.rl.model_dump(mode="json"), "grader": cfg.grader.resolved_spec()}) as run_id:
-        train, val = read_items(split.train_items), read_items(split.val_items)
-        samples = tracking.table_logger(run_id, ROLLOUT_SAMPLES, tracking_uri=track.tracking_uri) if run_id else None
-        result = run_rl(cfg, train, val, sft.model_dir, work, log=track.logger(run_id, "rl"), log_samples=samples)
+    params = {"rl": cfg.rl.model_dump(mode="json"), "grader": cfg.grader.resolved_spec(),
+              "compute": cfg.compute.model_dump(mode="json")}
+    with track.stage("rl", params) as run_id:
+        # In this process or on several (`compute`): the same update, so the same key.
+        result = run_stage(StageJob("rl", cfg, split.train_items, split.val_items, sft.model_dir, str(work),
+                                    run_id=run_id, tracking_uri=track.tracking_uri, samples_table=ROLLOUT_SAMPLES))
         record = ModelRecord(key, "rl", result.model_dir, result.metrics, run_id=run_id, events=result.events)
         signals = _plot_rl_signals(cfg, work)
         if run_id:

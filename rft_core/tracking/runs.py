@@ -68,6 +68,7 @@ _MAX_METRICS_PER_BATCH = 1000
 _MAX_PARAM_VALUE = 6000
 _MAX_KEY = 250
 _MAX_DATASET_DIGEST = 36
+_MAX_TAG_VALUE = 8000  # MLflow's limit is 8000 characters
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -165,6 +166,9 @@ def _ended(run_id: str, uri: str) -> Iterator[None]:
                 set_tags(run_id, {TAG_ENDED_BECAUSE: why}, tracking_uri=uri)
                 end_run(run_id, "KILLED", tracking_uri=uri)
             else:
+                # The error, on the run: a stage that failed on one of several processes names it here.
+                why = f"failed: {type(exc).__name__}: {exc}"[:_MAX_TAG_VALUE]
+                set_tags(run_id, {TAG_ENDED_BECAUSE: why}, tracking_uri=uri)
                 end_run(run_id, "FAILED", tracking_uri=uri)
         raise
     end_run(run_id, "FINISHED", tracking_uri=uri)

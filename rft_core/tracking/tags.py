@@ -26,10 +26,14 @@ TAG_GRADER_SANDBOX = "rft.grader.sandbox"  # on a pipeline run: how python grade
 TAG_OWNER_HOST = "rft.owner.host"
 TAG_OWNER_PID = "rft.owner.pid"
 TAG_OWNER_STARTED = "rft.owner.started"  # the owner's start time: a reused pid is another process
-TAG_ENDED_BECAUSE = "rft.ended_because"  # on a run ended KILLED: why (stopped on request, owner gone)
+TAG_ENDED_BECAUSE = "rft.ended_because"  # on a run ended KILLED or FAILED: why (stopped, owner gone, the error)
 TAG_REPLACED_BY = "rft.replaced_by"  # on a run its owner abandoned: the pipeline run that ended it
 TAG_REPLACES = "rft.replaces"  # on a pipeline run: the abandoned pipeline runs it ended (comma-separated)
 TAG_GUARD = "rft.guard"  # on the rl run and its pipeline run: what the RL guard did, a line per event
+# On a training stage run that ran on Ray (rft_core.launch): where each rank ran (JSON: rank -> host,
+# address, node, pid) and on how many machines.
+TAG_COMPUTE_RANKS = "rft.compute.ranks"
+TAG_COMPUTE_MACHINES = "rft.compute.machines"
 
 KIND_PIPELINE = "pipeline"
 KIND_REGRESSION = "regression-evaluation"
