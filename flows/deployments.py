@@ -4,7 +4,8 @@ Each flow here runs one flow of `flows/pipeline.py` or `flows/registry.py` on a 
 path relative to the deployment's working directory (the project root, set by the pull step) plus
 `section.key=value` overrides, exactly as `rft run --config FILE --set KEY=VALUE` reads them. A
 schedule thus runs a reviewed config from the repository, and a one-off run changes a field or two
-(`prefect deployment run rft-pipeline/rft-pipeline -p overrides='["rl.iterations=5"]'`).
+(`prefect deployment run rft-pipeline/rft-pipeline -p overrides='["rl.iterations=5"]'`); the pipeline's
+`compute` parameter says where training runs (`-p compute='{"processes": 2}'`), a form in the UI.
 
 The flows keep the names of the flows they wrap, so the runs of a deployment and those of `rft run`
 are listed under the same flow in the Prefect UI. They call the wrapped flow's function in their
@@ -27,7 +28,7 @@ from prefect.settings import PREFECT_API_URL
 from flows.pipeline import rft_pipeline
 from flows.registry import evaluate_model, promote_model
 from rft_core import tracking
-from rft_core.config import RFTConfig
+from rft_core.config import ComputeConfig, RFTConfig
 
 DEFAULT_CONFIG = "deployments/configs/nightly.yaml"
 _T = TypeVar("_T")
@@ -104,10 +105,17 @@ def pipeline_from_file(
     config_path: str = DEFAULT_CONFIG,
     overrides: list[str] | None = None,
     fresh: bool = False,
+    compute: ComputeConfig | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline (validate, split, SFT, RL, evaluate, register, promote) on a config
-    file; completed stages are reused unless `fresh`."""
+    file; completed stages are reused unless `fresh`. `compute`, when given, replaces the file's
+    compute section: where SFT and RL train (processes per machine, machines, ddp or fsdp, the Ray
+    cluster's address); the stages' cache keys do not depend on it."""
     config = load_config(config_path, overrides)
+    if compute is not None:
+        config = RFTConfig.from_dict({**config.model_dump(mode="json"), "compute": compute.model_dump(mode="json")},
+                                     source="the compute parameter")
+        get_run_logger().info("compute: %s", compute.model_dump(mode="json"))
     return explain_outage(lambda: rft_pipeline.fn(config=config, fresh=fresh), config, cached=True)
 
 

@@ -341,6 +341,9 @@ class _Stage:
         self.result: dict[str, Any] | None = None
         self.stopped: dict[str, Any] | None = None
         self.shown: dict[int, Any] = {}  # progress loops of the workers, shown here
+        # Other ranks' records wait one exchange: what rank 0 says too (a warning every rank logs) shows once.
+        self.said: set[tuple[str, str]] = set()
+        self.held: list[tuple[int, str, int, str]] = []
         self.channel = StageChannel.remote()
 
     def run(self) -> StageResult:
@@ -381,7 +384,7 @@ class _Stage:
                 if len(self.ranks) < workers.world and time.monotonic() - started > cfg.compute.start_timeout_s:
                     raise self.start_timeout()
             thread.join()
-            self.pump(wait_s=0)
+            self.pump(wait_s=0, last=True)
             if outcome.get("error") is not None:
                 raise self.failure(outcome["error"])
             if self.stopped is not None:
@@ -394,12 +397,17 @@ class _Stage:
 
     # ---- what the workers said
 
-    def pump(self, wait_s: float) -> None:
+    def pump(self, wait_s: float, last: bool = False) -> None:
+        held, self.held = self.held, []
         for event in ray.get(self.channel.take.remote(wait_s)):
             kind, rank, *payload = event
             if kind == "log":
                 name, level, message = payload
-                logging.getLogger(name).log(level, "%s", message if rank == 0 else f"rank {rank}: {message}")
+                if rank == 0:
+                    self.said.add((name, message))
+                    logging.getLogger(name).log(level, "%s", message)
+                else:
+                    self.held.append((rank, name, level, message))
             elif kind == "progress":
                 self.show_progress(*payload)
             elif kind == "started":
@@ -410,6 +418,11 @@ class _Stage:
                 self.stopped = payload[0]
             elif kind == "result":
                 self.result = payload[0]
+        if last:
+            held, self.held = held + self.held, []
+        for rank, name, level, message in held:
+            if (name, message) not in self.said:
+                logging.getLogger(name).log(level, "rank %d: %s", rank, message)
 
     def show_progress(self, op: str, handle: int, *args: Any) -> None:
         """A worker's progress loop, replayed into this process's display (`rft_core.progress`)."""
@@ -464,7 +477,8 @@ class _Stage:
         message = f"{stage} failed on rank {rank} of {world}{self.where(rank)}: {_describe(error)}"
         others = sorted(set(range(world)) - {rank})
         if others:
-            message += f"; the other rank{'s' if len(others) > 1 else ''} ({', '.join(map(str, others))}) were stopped"
+            message += (f"; ranks {', '.join(map(str, others))} were stopped with it" if len(others) > 1
+                        else f"; rank {others[0]} was stopped with it")
         logger.error("%s\n%s", message, _snippet(exc, rank))
         failure = StageProcessFailed(message, rank)
         failure.__cause__ = error if isinstance(error, BaseException) else None
