@@ -149,8 +149,12 @@ def connected(cfg: RFTConfig) -> Iterator[None]:
                 raise RayUnavailable(problem)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, RuntimeError) as exc:
-                raise RayUnavailable(f"compute.address {address}: cannot connect to the Ray cluster: {exc}") from None
+            except Exception as exc:  # ConnectionError, AuthenticationError, a version mismatch: Ray's words
+                raise RayUnavailable(
+                    f"compute.address {address}: cannot connect to the Ray cluster: {exc} (a cluster with token "
+                    "authentication, Ray's default, needs its token here: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN "
+                    "or RAY_AUTH_TOKEN_PATH in this process's environment)"
+                ) from None
     finally:
         quiet.setLevel(level)
         if main and sigterm is not None:

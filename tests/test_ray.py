@@ -251,19 +251,21 @@ def test_a_rank_that_raises_fails_the_stage_with_its_error_and_rank(one_process,
 
 
 def test_a_two_node_ray_cluster_trains_the_pipeline_one_process_per_node_as_one_process_does(
-    one_process, cluster: RayCluster, tmp_path, monkeypatch
+    one_process, cluster: RayCluster, tmp_path
 ):
-    from flows.pipeline import rft_pipeline
-
-    for name, value in cluster.env.items():
-        if name.startswith("RAY_"):
-            monkeypatch.setenv(name, value)
+    # `rft run` as a user runs it, its environment holding the cluster's token (RAY_AUTH_*).
     one, one_summary = one_process
     out = tmp_path / "cluster"
-    summary = rft_pipeline(config=config(out, {"processes": 1, "machines": 2, "address": cluster.address}))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config_dict(out, {"processes": 1, "machines": 2, "address": cluster.address})))
+    done = subprocess.run([sys.executable, "-m", "rft", "run", "--config", str(path), "--json"],
+                          env={**cluster.env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
     assert_same_training(one, out)
     assert_same_evaluation(summary, one_summary)
     assert_tracked_once(summary, processes=1, machines=2)
+    assert re.search(r"rl: 2 processes on 2 machine\(s\): rank 0: pid \d+ .*; rank 1: pid \d+", done.stderr)
     assert not cluster.workers(), "a stage's Ray processes outlived it"
 
 
