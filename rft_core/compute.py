@@ -152,38 +152,44 @@ def cluster_problem(address: str, timeout_s: float = 5.0) -> str | None:
     """Why the Ray cluster at `address` (compute.address) cannot be reached, or None: its head's
     port must accept a connection within `timeout_s` (Ray's own client would retry for minutes)."""
     try:
-        host, port = head_endpoint(address)
+        host, port, found = head_endpoint(address)
     except ValueError as exc:
         return f"compute.address {address}: {exc}"
+    named = address if found == address else f"{address} ({found})"
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
             return None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         return (
-            f"compute.address {address}: the Ray cluster cannot be reached ({host}:{port}: {reason}); "
+            f"compute.address {named}: the Ray cluster cannot be reached ({host}:{port}: {reason}); "
             "start it (ray start --head), or correct compute.address"
         )
 
 
-def head_endpoint(address: str) -> tuple[str, int]:
-    """(host, port) of the head a Ray address names: host:port, ray://host:port, or auto (the
-    RAY_ADDRESS variable, else the cluster `ray start` last started on this machine)."""
+def head_endpoint(address: str) -> tuple[str, int, str]:
+    """(host, port, where found) of the head a Ray address names: host:port, ray://host:port, or
+    auto (the RAY_ADDRESS variable, else the cluster `ray start` last started on this machine)."""
     if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
+        if os.environ.get("RAY_ADDRESS"):
+            address = f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        else:
+            from ray._private.services import canonicalize_bootstrap_address_or_die
 
-        try:
-            address = canonicalize_bootstrap_address_or_die("auto")
-        except ConnectionError:
-            raise ValueError(
-                "no running Ray cluster found (RAY_ADDRESS is not set and `ray start` started none on "
-                "this machine)"
-            ) from None
-    text = address.split("://", 1)[1] if "://" in address else address
+            try:
+                address = f"found on this machine: {canonicalize_bootstrap_address_or_die('auto')}"
+            except ConnectionError:
+                raise ValueError(
+                    "no running Ray cluster found (RAY_ADDRESS is not set and `ray start` started none on "
+                    "this machine)"
+                ) from None
+    found = address
+    text = address.rsplit("=", 1)[-1].rsplit(": ", 1)[-1]
+    text = text.split("://", 1)[1] if "://" in text else text
     host, sep, port = text.rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError("expected host:port (the head's GCS port, usually 6379), ray://host:port or auto")
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), int(port), found
 
 
 # --------------------------------------------------------------------------- a stage's job

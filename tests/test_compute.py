@@ -1,0 +1,233 @@
+"""The `compute` section without starting Ray: what it accepts, what preflight refuses before any
+stage runs (Ray missing, a cluster that cannot be reached, named by its address; settings that do
+not split over the processes; FSDP with LoRA), the per-process config, and `rft train rl`'s
+default start (the sft stage's result). The runs on Ray are in tests/test_ray.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from rft.cli import app
+from rft_core import compute, stages
+from rft_core.config import ConfigError, RFTConfig
+from rft_core.preflight import preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_RAY = subprocess.run([sys.executable, "-c", "import ray"], capture_output=True).returncode == 0
+needs_ray = pytest.mark.skipif(not HAS_RAY, reason="Ray is not installed (pip install 'rft[ray]')")
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(*overrides: str) -> RFTConfig:
+    return RFTConfig.load(None, list(overrides))
+
+
+# --------------------------------------------------------------------------- the section
+
+
+def test_the_default_trains_in_this_process_and_more_processes_do_not():
+    assert compute.in_process(load())
+    assert compute.where(load()) == "this process"
+    assert not compute.in_process(load("compute.processes=2"))
+    assert not compute.in_process(load("compute.address=127.0.0.1:6379"))  # one process, on the cluster
+    # auto is a GPU count: 1 on a machine without GPUs, or when model.device rules them out.
+    assert compute.local_processes(load("compute.processes=auto", "model.device=cpu")) == 1
+
+
+@pytest.mark.parametrize(
+    ("override", "fragment"),
+    [
+        ("compute.processes=0", "compute.processes: a number of processes (1 or more) or auto (got 0)"),
+        ("compute.processes=two", "compute.processes: a number of processes (1 or more) or auto (got 'two')"),
+        ("compute.processes=true", "(got True)"),
+        ("compute.processes=1.5", "(got 1.5)"),
+        ("compute.machines=2", "compute.machines=2 needs a Ray cluster: set compute.address"),
+        ("compute.machines=0", "compute.machines"),
+        ("compute.strategy=deepspeed", "compute.strategy: Input should be 'ddp' or 'fsdp'"),
+        ("compute.start_timeout_s=0", "compute.start_timeout_s"),
+        ("compute.nodes=2", "compute.nodes"),
+    ],
+)
+def test_compute_settings_that_cannot_be_used_are_refused_when_the_config_loads(override, fragment):
+    with pytest.raises(ConfigError) as caught:
+        load(override)
+    assert fragment in str(caught.value)
+
+
+# --------------------------------------------------------------------------- before anything runs
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["sft.batch_size=5"], ["sft.batch_size (5) does not divide over the 2 training processes"]),
+        (["rl.prompts_per_iteration=3", "rl.minibatch_size=3"],
+         ["rl.prompts_per_iteration (3) does not divide over the 2", "rl.minibatch_size"]),
+        (["rl.micro_batch_size=3"], ["rl.micro_batch_size (3) does not divide over the 2"]),
+        (["sft.enabled=false", "sft.batch_size=5"], []),  # a stage that does not run splits nothing
+        (["rl.enabled=false", "rl.prompts_per_iteration=3", "rl.minibatch_size=6"], []),
+    ],
+)
+@needs_ray
+def test_settings_that_do_not_split_over_the_processes_are_named_before_anything_runs(overrides, expected):
+    found = [p for p in preflight(load("compute.processes=2", *overrides)) if "does not divide" in p]
+    assert len(found) == len(expected), found
+    for line, fragment in zip(found, expected, strict=True):
+        assert fragment in line and "set it to a multiple of 2" in line
+
+
+@needs_ray
+def test_processes_times_machines_is_what_must_divide():
+    address = f"127.0.0.1:{closed_port()}"
+    found = preflight(load("compute.processes=2", "compute.machines=3", f"compute.address={address}",
+                           "sft.batch_size=8"))
+    assert any("sft.batch_size (8) does not divide over the 6 training processes" in p for p in found), found
+
+
+@needs_ray
+@pytest.mark.parametrize(
+    ("address", "fragment"),
+    [
+        ("127.0.0.1:{port}", "compute.address 127.0.0.1:{port}: the Ray cluster cannot be reached (127.0.0.1:{port}: "),
+        ("ray://127.0.0.1:{port}", "compute.address ray://127.0.0.1:{port}: the Ray cluster cannot be reached"),
+        ("localhost:{port}", "compute.address localhost:{port}: the Ray cluster cannot be reached"),
+        ("ray-head.invalid:6379", "compute.address ray-head.invalid:6379: the Ray cluster cannot be reached"),
+        ("127.0.0.1", "compute.address 127.0.0.1: expected host:port"),
+        ("head:port", "compute.address head:port: expected host:port"),
+    ],
+)
+def test_a_ray_cluster_that_cannot_be_reached_is_named_by_its_address(address, fragment):
+    port = closed_port()
+    address, fragment = address.format(port=port), fragment.format(port=port)
+    found = [p for p in preflight(load(f"compute.address={address}")) if p.startswith("compute.address")]
+    assert len(found) == 1 and fragment in found[0], found
+
+
+@needs_ray
+def test_auto_names_the_cluster_it_looked_for(monkeypatch):
+    address = f"127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("RAY_ADDRESS", address)  # what `auto` means first
+    (found,) = [p for p in preflight(load("compute.address=auto")) if p.startswith("compute.address")]
+    assert f"compute.address auto (RAY_ADDRESS={address}): the Ray cluster cannot be reached ({address}: " in found
+
+
+@needs_ray
+def test_rft_run_refuses_an_unreachable_cluster_in_one_line_before_any_stage(tmp_path):
+    address = f"127.0.0.1:{closed_port()}"
+    result = CliRunner().invoke(app, ["run", "--set", f"output_dir={tmp_path}", "--set", f"compute.address={address}"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: compute.address {address}: the Ray cluster cannot be reached")
+    assert not (tmp_path / "stages").exists()  # nothing ran
+
+
+def test_without_ray_installed_the_install_command_is_named():
+    # A Python where `import ray` fails, as on an install without the extra.
+    script = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from rft_core.config import RFTConfig; from rft_core.preflight import preflight\n"
+        "print('\\n'.join(preflight(RFTConfig.load(None, ['compute.processes=2']))))\n"
+        "print('\\n'.join(preflight(RFTConfig.load(None, []))) or 'default: no problem')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("compute: training on this machine (a Ray instance of its own) (2 processes x 1 machines) runs on Ray, "
+            "which is not installed here: pip install 'rft[ray]'") in done.stdout
+    assert "default: no problem" in done.stdout  # one process needs no Ray
+
+
+@needs_ray
+def test_fsdp_is_refused_for_lora_before_training():
+    found = preflight(load("compute.processes=2", "compute.strategy=fsdp", "model.lora.enabled=true"))
+    assert any(p.startswith("compute.strategy=fsdp shards fully trained models only") for p in found), found
+    assert not [p for p in preflight(load("compute.processes=2", "compute.strategy=fsdp")) if "fsdp" in p]
+
+
+def test_a_launch_by_hand_decides_where_training_runs(monkeypatch):
+    cfg = load("compute.processes=2", "sft.batch_size=5", "compute.address=127.0.0.1:1")
+    assert compute.problems(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # one of the processes `accelerate launch` started
+    assert compute.launched_by_hand() and compute.problems(cfg) == []
+
+
+# --------------------------------------------------------------------------- what each process trains with
+
+
+def test_each_process_takes_its_share_of_the_sft_batch_and_reads_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "grader.yaml").write_text(yaml.safe_dump({"type": "string_check", "name": "s", "operation": "eq",
+                                                            "input": "{{ sample.output_text }}",
+                                                            "reference": "{{ item.reference }}"}))
+    cfg = load("output_dir=runs", "grader.file=grader.yaml", "sft.batch_size=8", "rl.minibatch_size=8")
+    one, four = compute.worker_config(cfg, 1), compute.worker_config(cfg, 4)
+    assert one.sft.batch_size == 8 and four.sft.batch_size == 2
+    assert four.rl == cfg.rl  # RL's batch settings are totals already
+    assert four.output_dir == str(tmp_path / "runs") and four.grader.file == str(tmp_path / "grader.yaml")
+    assert cfg.sft.batch_size == 8 and cfg.output_dir == "runs"  # the caller's config is untouched
+    # The stage keys read neither: the pipeline on 4 processes reuses what 1 process computed.
+    split = stages.SplitRecord("k", "t", "v", "m", "digest", "vd", 1, 1, 0)
+    assert stages.sft_key(load("compute.processes=4"), split) == stages.sft_key(load(), split)
+    with pytest.raises(ConfigError, match=r"sft.batch_size \(8\) does not divide over the 3"):
+        compute.worker_config(cfg, 3)
+
+
+# --------------------------------------------------------------------------- rft train rl's start
+
+
+def test_rft_train_rl_starts_from_the_sft_stage_s_result_by_default(tmp_path, monkeypatch):
+    from training_fixtures import TINY
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tmp_path / "config.yaml"
+    raw: dict = {"output_dir": str(tmp_path / "out")}
+    for override in [*TINY, "model.tiny.pretrain_steps=2", "sft.max_steps=2", "rl.iterations=1"]:
+        key, value = override.split("=")
+        node = raw
+        *path, last = key.split(".")
+        for name in path:
+            node = node.setdefault(name, {})
+        node[last] = yaml.safe_load(value)
+    config.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+
+    # No sft result yet: one line saying what to do.
+    result = runner.invoke(app, ["train", "rl", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: rl starts from the sft stage's result for this config, ")
+    assert "it is missing: run `rft train sft` with the same config first" in line
+
+    result = runner.invoke(app, ["train", "sft", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    sft_dir = json.loads(result.stdout[result.stdout.index("{"):])["model_dir"]
+    result = runner.invoke(app, ["train", "rl", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    rl_dir = Path(json.loads(result.stdout[result.stdout.index("{"):])["model_dir"]).parent
+    state = json.loads((rl_dir / "checkpoints" / "step-1" / "state.json").read_text())
+    assert state["settings"]["start_model"] == sft_dir  # not the base model
+    # The RL stage directory the pipeline would use after that sft stage: either resumes the other.
+    cfg = RFTConfig.from_yaml(config)
+    split = stages.split_stage(cfg, stages.validate_stage(cfg))
+    sft = stages.ModelRecord(stages.sft_key(cfg, split), "sft", sft_dir)
+    assert rl_dir == stages.stage_path(cfg, "rl", stages.rl_key(cfg, sft))
+
+    # With sft off, the pipeline's RL starts from the base model: so does rft train rl.
+    result = runner.invoke(app, ["train", "rl", "--config", str(config), "--set", "sft.enabled=false"])
+    assert result.exit_code == 0, result.output
+    rl_dir = Path(json.loads(result.stdout[result.stdout.index("{"):])["model_dir"]).parent
+    start = json.loads((rl_dir / "checkpoints" / "step-1" / "state.json").read_text())["settings"]["start_model"]
+    assert Path(start).parent == tmp_path / "out" / "cache" and Path(start).name.startswith("tiny-")
