@@ -235,12 +235,13 @@ class StageJob:
         raise ValueError(f"stage {self.stage!r}: expected sft or rl")
 
 
-def run_stage(job: StageJob) -> Any:
+def run_stage(job: StageJob, timings: dict[str, float] | None = None) -> Any:
     """Train `job` where `job.config.compute` says: in this process, or on Ray
-    (`rft_core.launch.run_on_ray`). Returns the stage's `training.StageResult`."""
+    (`rft_core.launch.run_on_ray`, which fills `timings` when given). Returns the stage's
+    `training.StageResult`."""
     cfg = job.config
     if in_process(cfg):
         return job.run()
     from rft_core.launch import run_on_ray
 
-    return run_on_ray(job)
+    return run_on_ray(job, timings)

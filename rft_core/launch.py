@@ -322,10 +322,15 @@ def train_worker(config: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- the driver
 
 
-def run_on_ray(job: StageJob) -> StageResult:
-    """Train `job` on the processes `job.config.compute` asks for (see the module docstring)."""
+def run_on_ray(job: StageJob, timings: dict[str, float] | None = None) -> StageResult:
+    """Train `job` on the processes `job.config.compute` asks for (see the module docstring).
+    `timings`, when given, receives the seconds spent connecting to Ray (`connect_s`: a local
+    instance's start), starting the processes (`start_s`) and training (`train_s`)."""
     cfg = job.config
+    timings = {} if timings is None else timings
+    began = time.perf_counter()
     with connected(cfg):
+        timings["connect_s"] = time.perf_counter() - began
         workers = workers_for(cfg)
         if problems := compute.split_problems(cfg, workers.world):
             raise ConfigError("; ".join(problems))
@@ -333,7 +338,14 @@ def run_on_ray(job: StageJob) -> StageResult:
         logger.info("%s: %d training processes (%d per machine x %d, %s, %s) on %s", job.stage, workers.world,
                     workers.processes, workers.machines, workers.strategy, "GPU" if workers.use_gpu else "CPU",
                     compute.where(cfg))
-        return _Stage(job, workers).run()
+        stage = _Stage(job, workers)
+        try:
+            return stage.run()
+        finally:
+            timings.update(stage.timings)
+            if "train_s" in timings:
+                logger.info("%s on Ray: connected in %.1f s, %d processes started in %.1f s, trained in %.1f s",
+                            job.stage, timings["connect_s"], workers.world, timings["start_s"], timings["train_s"])
 
 
 class _Stage:
@@ -349,6 +361,8 @@ class _Stage:
         self.said: set[tuple[str, str]] = set()
         self.held: list[tuple[int, str, int, str]] = []
         self.channel = StageChannel.remote()
+        self.timings: dict[str, float] = {}  # start_s: until every rank started; train_s: after
+        self.began = time.perf_counter()
 
     def run(self) -> StageResult:
         cfg, workers = self.job.config, self.workers
@@ -389,6 +403,8 @@ class _Stage:
                     raise self.start_timeout()
             thread.join()
             self.pump(wait_s=0, last=True)
+            if "start_s" in self.timings:
+                self.timings["train_s"] = time.perf_counter() - self.began - self.timings["start_s"]
             if outcome.get("error") is not None:
                 raise self.failure(outcome["error"])
             if self.stopped is not None:
@@ -417,6 +433,7 @@ class _Stage:
             elif kind == "started":
                 self.ranks[rank] = payload[0]
                 if len(self.ranks) == self.workers.world:
+                    self.timings["start_s"] = time.perf_counter() - self.began
                     self.placed()
             elif kind == "stopped" and rank == 0:
                 self.stopped = payload[0]
