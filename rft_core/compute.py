@@ -11,11 +11,13 @@ One mechanism for one machine and many: the same launcher, the same worker code,
 and logs, whether the cluster is a local instance or a KubeRay cluster (see `rft_core.launch` for
 why Ray Train rather than torch's elastic launcher).
 
-The stage computes the same update whatever runs it, which is why its cache key leaves this section
+A stage computes the same update whatever runs it, which is why its cache key leaves this section
 out: RL's batch settings are totals over all processes already, and SFT's micro-batch
 (`sft.batch_size`, per process under `accelerate launch`) is split over the processes here
 (`worker_config`), so that N processes take what one process would. Settings that do not split
-evenly are refused before anything starts (`split_problems`).
+evenly are refused before anything starts (`split_problems`). One exception, said when the stage
+starts (`rl_update_differs`): RL with several PPO minibatches per epoch, whose composition depends
+on the number of processes.
 """
 
 from __future__ import annotations
@@ -95,6 +97,23 @@ def split_problems(cfg: RFTConfig, world: int) -> list[str]:
         for name, value in counts.items()
         if value and value % world
     ]
+
+
+def rl_update_differs(cfg: RFTConfig, world: int) -> str | None:
+    """Why RL on `world` processes computes other numbers than on one, or None when it computes the
+    same update. Each process shuffles its own rows into PPO minibatches (`rl.trainer`): with one
+    minibatch per epoch every step sees the whole batch, as one process does; with several, which
+    samples share a step differs (the same expected update, other numbers)."""
+    rows = cfg.rl.prompts_per_iteration * cfg.rl.samples_per_prompt
+    if world <= 1 or not cfg.rl.enabled or cfg.rl.minibatch_size >= rows:
+        return None
+    return (
+        f"rl.minibatch_size ({cfg.rl.minibatch_size}) cuts each PPO epoch's {rows} samples into several "
+        f"minibatches: on {world} processes each shuffles its own share, so the minibatches hold other "
+        "samples than on one process (the same expected update, not the same numbers; the stage's cache "
+        f"key does not say how many processes trained it). rl.minibatch_size >= {rows} trains the same "
+        "numbers on any number of processes"
+    )
 
 
 def worker_config(cfg: RFTConfig, world: int) -> RFTConfig:

@@ -42,6 +42,8 @@ import os
 import queue
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -57,7 +59,7 @@ from ray.train.torch import TorchTrainer
 from rft_core import compute, progress
 from rft_core.compute import ComputeError, StageJob
 from rft_core.config import ConfigError, RFTConfig
-from rft_core.lifecycle import TrainingStopped, deferring_stops, request_stop, stop_requested
+from rft_core.lifecycle import TrainingStopped, deferring_stops, die_with_parent, request_stop, stop_requested
 from rft_core.training import StageResult
 
 logger = logging.getLogger("rft.launch")
@@ -139,11 +141,14 @@ def connected(cfg: RFTConfig) -> Iterator[None]:
     quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "token authentication is enabled" on every local start
+    reaper = None
     try:
         if address is None:
             # Room for every process whatever the core count: a one-CPU reservation each.
             cpus = max(os.cpu_count() or 1, compute.local_processes(cfg))
+            before = _children(os.getpid())
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            reaper = _start_reaper(_children(os.getpid()) - before)
         else:
             if (problem := compute.cluster_problem(address)) is not None:
                 raise RayUnavailable(problem)
@@ -163,6 +168,84 @@ def connected(cfg: RFTConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if reaper is not None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                reaper.communicate(b"done", timeout=10)  # the instance is down: nothing to reap
+
+
+# Runs as `python -c <this> PIDS`: the Ray instance this process started (PIDS, and what they start)
+# is killed when this process dies however it dies (kill -9 included: the parent-death signal, or
+# its stdin closing); "done" on stdin means it was shut down and ends the reaper quietly. Ray's own
+# clean-up leaves its agents running after its driver is killed, holding their ports.
+_REAPER = """
+import os, signal, sys, threading, time
+def ticks(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+roots = {int(p) for p in sys.argv[1].split(",") if p}
+known = {}
+lock = threading.Lock()
+def scan():
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                table[int(entry)] = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    with lock:
+        frontier = [p for p in roots if p in table and p not in known]
+        for p in frontier:
+            known[p] = ticks(p)
+        frontier = [p for p in known if p in table]
+        while frontier:
+            children = [p for p, parent in table.items() if parent in frontier and p not in known]
+            for p in children:
+                known[p] = ticks(p)
+            frontier = children
+def reap(*_):
+    scan()
+    with lock:
+        for pid, started in known.items():
+            if started is not None and ticks(pid) == started:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, reap)
+def watch():
+    while True:
+        scan()
+        time.sleep(1)
+threading.Thread(target=watch, daemon=True).start()
+if sys.stdin.read() == "done":
+    os._exit(0)
+reap()
+"""
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (Linux; empty elsewhere)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if (Path("/proc") / entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                        found.add(int(entry))
+    return found
+
+
+def _start_reaper(pids: set[int]) -> subprocess.Popen[bytes] | None:
+    """Start the reaper of the Ray instance made of `pids` (see `_REAPER`); None off Linux."""
+    if not pids or not os.path.isdir("/proc"):
+        return None
+    command = die_with_parent([sys.executable, "-c", _REAPER, ",".join(map(str, sorted(pids)))], signal.SIGTERM)
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
 
 
 # --------------------------------------------------------------------------- the channel
@@ -338,6 +421,8 @@ def run_on_ray(job: StageJob, timings: dict[str, float] | None = None) -> StageR
         logger.info("%s: %d training processes (%d per machine x %d, %s, %s) on %s", job.stage, workers.world,
                     workers.processes, workers.machines, workers.strategy, "GPU" if workers.use_gpu else "CPU",
                     compute.where(cfg))
+        if job.stage == "rl" and (differs := compute.rl_update_differs(cfg, workers.world)):
+            logger.warning("%s", differs)
         stage = _Stage(job, workers)
         try:
             return stage.run()

@@ -185,6 +185,19 @@ def test_each_process_takes_its_share_of_the_sft_batch_and_reads_absolute_paths(
         compute.worker_config(cfg, 3)
 
 
+def test_rl_with_several_minibatches_per_epoch_is_said_to_differ_on_several_processes():
+    # 4 prompts x 2 samples = 8 rows an iteration: one minibatch of 8 is the whole batch on any number of
+    # processes; minibatches of 4 hold other samples on 2 processes (each shuffles its own rows).
+    assert compute.rl_update_differs(load("rl.minibatch_size=8", "rl.prompts_per_iteration=4",
+                                          "rl.samples_per_prompt=2"), 2) is None
+    assert compute.rl_update_differs(load("rl.minibatch_size=4", "rl.prompts_per_iteration=4",
+                                          "rl.samples_per_prompt=2"), 1) is None
+    said = compute.rl_update_differs(load("rl.minibatch_size=4", "rl.prompts_per_iteration=4",
+                                          "rl.samples_per_prompt=2"), 2)
+    assert said.startswith("rl.minibatch_size (4) cuts each PPO epoch's 8 samples into several minibatches")
+    assert "rl.minibatch_size >= 8 trains the same numbers" in said
+
+
 # --------------------------------------------------------------------------- rft train rl's start
 
 

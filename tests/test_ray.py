@@ -226,6 +226,36 @@ def test_a_stop_request_stops_every_process_at_one_step_and_the_rerun_resumes_to
     assert max_difference(weights(one, "rl"), resumed) < moved * 1e-3
 
 
+def test_a_killed_driver_leaves_no_process_of_its_ray_instance_behind(one_process, tmp_path):
+    # kill -9 of the process that started the stage's Ray instance (rft train here; a flow run under
+    # a worker the same): Ray's ranks die with its raylet, and rft's reaper ends the rest of it.
+    from ray_fixtures import descendants, stats
+
+    one, _ = one_process
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(config_dict(tmp_path / "out", {"processes": 2}, rl={"iterations": 200})))
+    log = tmp_path / "killed.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rft", "train", "rl", "--config", str(path),
+             "--init-model", str(stage_dir(one, "sft") / "model")],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"rl [1-9]\d*/200 iterations", log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        started = descendants({proc.pid})  # Ray's processes (gcs, raylet, agents, ranks), its reaper
+        ranks = {int(pid) for pid in re.findall(r"rank \d: pid (\d+)", log.read_text())}
+        assert ranks <= started and len(ranks) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    left = wait_gone(started, timeout_s=60)
+    assert not left, {pid: stats().get(pid) for pid in left}
+
+
 def test_a_rank_that_raises_fails_the_stage_with_its_error_and_rank(one_process, tmp_path):
     # Every sample a grader error: the RL iteration refuses to train on it (grader.max_error_share),
     # in both processes; rank 0, the first to fail, is named with its error.
