@@ -57,28 +57,49 @@ def unauthorized(message: str) -> APIError:
     return APIError(401, message, code="invalid_api_key")
 
 
-def _param_of(loc: tuple[Any, ...]) -> str | None:
-    """`("body", "method", "type")` -> `method.type`: the field in the request body, as OpenAI names it."""
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or None
+def _param_of(loc: tuple[Any, ...], body: Any, missing: bool = False) -> str | None:
+    """The field of the request an error is about, as OpenAI names it (`method.type`): the path of
+    `loc` as far as it exists in the body (pydantic adds the tags of union members after it), plus
+    the missing field's name for a missing one."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    if loc and loc[0] != "body":
+        return ".".join(str(p) for p in parts[:1]) or None
+    path: list[str] = []
+    node = body
+    for i, part in enumerate(parts):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+        else:
+            if missing and i == len(parts) - 1 and isinstance(node, dict):
+                path.append(str(part))
+            break
+        path.append(str(part))
+    return ".".join(path) or None
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
     """A body or query that does not parse: 400 naming the first bad field, every problem in the message."""
     errors = exc.errors()
+    body = getattr(exc, "body", None)
     problems = []
+    params = []
     for err in errors:
-        where = _param_of(tuple(err.get("loc", ()))) or "body"
-        if err.get("type") == "extra_forbidden":
+        kind = err.get("type")
+        where = _param_of(tuple(err.get("loc", ())), body, missing=kind == "missing")
+        params.append(where)
+        if kind == "extra_forbidden":
             problems.append(f"unrecognized request argument supplied: {where}")
-        elif err.get("type") == "missing":
+        elif kind == "missing":
             problems.append(f"missing required parameter: '{where}'")
-        elif err.get("type") == "json_invalid":
-            problems.append(f"the body is not valid JSON: {err.get('msg')}")
+        elif kind == "json_invalid":
+            problems.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}")
         else:
-            problems.append(f"invalid value for '{where}': {err.get('msg')}")
-    first = _param_of(tuple(errors[0].get("loc", ()))) if errors else None
-    return invalid("; ".join(problems) or "invalid request", param=first)
+            problems.append(f"invalid value for '{where or 'body'}': {err.get('msg')}")
+    # Several errors for one field (one per member of a union) say the same thing once.
+    unique = list(dict.fromkeys(problems))
+    return invalid("; ".join(unique) or "invalid request", param=next((p for p in params if p), None))
 
 
 def install_handlers(app: FastAPI) -> None:
