@@ -58,8 +58,17 @@ class ResolvedModel:
     created_at: int = 0
 
 
+def checkpoint_created(model_dir: Path) -> int | None:
+    """When a checkpoint was written (its state.json, written last), or None once it is pruned."""
+    try:
+        return int((model_dir.parent / "state.json").stat().st_mtime)
+    except OSError:
+        return None
+
+
 def checkpoint_dirs(settings: ServerSettings, job: Job) -> dict[int, Path]:
-    """The job's training checkpoints on disk, by step (the `model/` directory of each)."""
+    """The job's training checkpoints on disk, by step (the `model/` directory of each). A running
+    job prunes its old checkpoints: callers treat one that vanishes as gone (`checkpoint_created`)."""
     stage = TRAINING_STAGE.get(job.data.get("method_type", ""), "rl")
     found: dict[int, Path] = {}
     stages = settings.job_dir(job.id) / "out" / "stages"
@@ -97,9 +106,9 @@ def resolve(settings: ServerSettings, store: Store, name: str, param: str = "mod
         return ResolvedModel(name, "fine_tuned", job.data["root_base"], result["model_dir"], job.id,
                              created_at=job.data.get("finished_at") or job.created_at)
     checkpoint = checkpoint_dirs(settings, job).get(step)
-    if checkpoint is None:
+    created = checkpoint_created(checkpoint) if checkpoint is not None else None
+    if checkpoint is None or created is None:
         raise missing
-    created = int((checkpoint.parent / "state.json").stat().st_mtime)
     return ResolvedModel(name, "checkpoint", job.data["root_base"], str(checkpoint), job.id, step, created)
 
 
@@ -111,7 +120,12 @@ def snapshot_checkpoint(settings: ServerSettings, model: ResolvedModel) -> str:
     if not (target / "config.json").is_file():
         partial = settings.models_dir / f".{slug}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(model.source, partial)
+        try:
+            shutil.copytree(model.source, partial)
+        except (OSError, shutil.Error):  # pruned by its running job while being copied
+            shutil.rmtree(partial, ignore_errors=True)
+            raise not_found(f"The checkpoint '{model.name}' is no longer kept.", param="model",
+                            code="model_not_found") from None
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
     return str(target)
@@ -132,6 +146,7 @@ def list_models(settings: ServerSettings, store: Store) -> list[dict[str, Any]]:
         if job.status == "succeeded" and job.data.get("result"):
             models.append(model_object(name, job.data.get("finished_at") or job.created_at, "user"))
         for step, path in checkpoint_dirs(settings, job).items():
-            created = int((path.parent / "state.json").stat().st_mtime)
-            models.append(model_object(checkpoint_name(name, step), created, "user"))
+            created = checkpoint_created(path)
+            if created is not None:
+                models.append(model_object(checkpoint_name(name, step), created, "user"))
     return models

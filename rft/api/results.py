@@ -17,7 +17,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rft.api.catalog import TRAINING_STAGE, checkpoint_dirs, checkpoint_id, checkpoint_name
+from rft.api.catalog import (
+    TRAINING_STAGE,
+    checkpoint_created,
+    checkpoint_dirs,
+    checkpoint_id,
+    checkpoint_name,
+)
 from rft.api.settings import ServerSettings
 from rft.api.store import Job, Store
 
@@ -136,6 +142,9 @@ def checkpoint_objects(settings: ServerSettings, job: Job) -> list[dict[str, Any
         steps = {}
     objects = []
     for step, path in sorted(dirs.items(), reverse=True):
+        created = checkpoint_created(path)
+        if created is None:
+            continue  # pruned by the running job meanwhile
         metrics: dict[str, Any] = {"step": float(step), "train_loss": None, "valid_loss": None,
                                    "train_mean_token_accuracy": None, "valid_mean_token_accuracy": None,
                                    "full_valid_loss": None, "full_valid_mean_token_accuracy": None}
@@ -143,7 +152,7 @@ def checkpoint_objects(settings: ServerSettings, job: Job) -> list[dict[str, Any
         objects.append({
             "id": checkpoint_id(job.id, step),
             "object": "fine_tuning.job.checkpoint",
-            "created_at": int((path.parent / "state.json").stat().st_mtime),
+            "created_at": created,
             "fine_tuned_model_checkpoint": checkpoint_name(job.data["fine_tuned_name"], step),
             "fine_tuning_job_id": job.id,
             "metrics": metrics,

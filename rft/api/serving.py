@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from rft.api.catalog import ResolvedModel
+from rft.api.catalog import ResolvedModel, snapshot_checkpoint
 from rft.api.errors import invalid
 from rft.api.runner import read_config
 from rft.api.settings import ServerSettings
@@ -73,7 +73,10 @@ class ModelCache:
         if model.kind == "fine_tuned" and registered:
             uri = f"models:/{registered['name']}/{registered['version']}"
             return load_served_model(uri, tracking_uri=self.settings.tracking_uri)
-        return served_model(model.source, serving_settings(cfg))
+        source = model.source
+        if model.kind == "checkpoint":  # a running job prunes its old checkpoints: serve a copy
+            source = snapshot_checkpoint(self.settings, model)
+        return served_model(source, serving_settings(cfg))
 
 
 @dataclass
