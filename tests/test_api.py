@@ -759,7 +759,7 @@ def test_state_changes_a_status_does_not_allow_are_409(client, supervised):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_server_leaves_the_job_running_and_cancel_stops_it_keeping_its_output(
+def test_kill_9_of_the_server_leaves_the_job_running_a_dead_worker_fails_it_resumable_and_cancel_keeps_its_output(
     client, server, data_files, supervised
 ):
     job = long_rl_job(client, data_files, supervised[1].fine_tuned_model, "cancel")
@@ -776,12 +776,21 @@ def test_kill_9_of_the_server_leaves_the_job_running_and_cancel_stops_it_keeping
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
     assert worker_pids(server.data_dir)[job.id] == worker  # the same worker, taken up again
 
+    # The worker dies while the server runs (killed, out of memory): failed, saying it can be resumed.
+    os.killpg(worker, signal.SIGKILL)
+    failed = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "failed" and j, timeout=60,
+                      what="the job to fail")
+    assert failed.error.code == "worker_stopped" and "can be resumed" in failed.error.message
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", what="the job to run again")
+    worker = worker_pids(server.data_dir)[job.id]
+
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
     wait_for(lambda: not alive(worker), timeout=60, what="the worker to stop")
     time.sleep(2)  # a stopped worker must not overwrite the decision
     final = client.fine_tuning.jobs.retrieve(job.id)
-    assert final.status == "cancelled" and final.fine_tuned_model is None
+    assert final.status == "cancelled" and final.fine_tuned_model is None and final.error is None
     assert list((server.data_dir / "jobs" / job.id / "out" / "stages").glob("rl-*/checkpoints/step-*"))
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.resume(job.id)
@@ -825,19 +834,6 @@ def test_pause_resume_then_kill_9_of_server_and_worker_resume_from_the_last_chec
     assert log.count("resuming RL from") == 2 and f"(iteration {kept})" in log
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
     assert sorted(steps) == list(range(1, 49))
-
-
-@pytest.mark.slow
-def test_a_worker_that_dies_fails_its_job_as_resumable(client, server, data_files, supervised):
-    job = long_rl_job(client, data_files, supervised[1].fine_tuned_model, "crash")
-    wait_for(lambda: has_checkpoint(client, job.id), what="a first checkpoint")
-    os.killpg(worker_pids(server.data_dir)[job.id], signal.SIGKILL)
-    failed = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status == "failed" and j, timeout=60,
-                      what="the job to fail")
-    assert failed.error.code == "worker_stopped" and "can be resumed" in failed.error.message
-    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
-    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", what="the job to run again")
-    assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"
 
 
 # --------------------------------------------------------------------------- the hyperparameter table

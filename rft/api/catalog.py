@@ -69,12 +69,14 @@ def checkpoint_created(model_dir: Path) -> int | None:
 def checkpoint_dirs(settings: ServerSettings, job: Job) -> dict[int, Path]:
     """The job's training checkpoints on disk, by step (the `model/` directory of each). A running
     job prunes its old checkpoints: callers treat one that vanishes as gone (`checkpoint_created`)."""
+    from rft_core.checkpoint import checkpoint_dirs as complete_checkpoints
+
     stage = TRAINING_STAGE.get(job.data.get("method_type", ""), "rl")
     found: dict[int, Path] = {}
     stages = settings.job_dir(job.id) / "out" / "stages"
     for root in sorted(stages.glob(f"{stage}-*/checkpoints")):
-        for step_dir in root.glob("step-*"):
-            if (step_dir / "state.json").is_file() and (step_dir / "model").is_dir():
+        for step_dir in complete_checkpoints(root):
+            if (step_dir / "model").is_dir():
                 found[int(step_dir.name.removeprefix("step-"))] = step_dir / "model"
     return dict(sorted(found.items()))
 

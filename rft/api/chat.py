@@ -21,9 +21,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from rft.api import catalog
+from rft.api import catalog, serving
 from rft.api.errors import invalid, not_found
-from rft.api.serving import complete
 from rft.api.store import new_id
 
 router = APIRouter()
@@ -103,51 +102,66 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
     state = request.app.state.rft
     model = catalog.resolve(state.settings, state.store, body.model)
     row = conversation(body.messages)
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    options = {
+        "max_tokens": body.max_completion_tokens or body.max_tokens,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": body.top_p or 1.0,
+        "n": body.n or 1,
+        "seed": body.seed,
+        "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+    }
     loaded = await run_in_threadpool(state.models.get, model)
-    temperature = 1.0 if body.temperature is None else body.temperature
-    prompt_tokens, choices = await run_in_threadpool(
-        complete, loaded, row, max_tokens=body.max_completion_tokens or body.max_tokens, temperature=temperature,
-        top_p=body.top_p or 1.0, n=body.n or 1, seed=body.seed, stop=stops,
-    )
     completion_id, created = new_id("chatcmpl"), int(time.time())
-    completion_tokens = sum(c.tokens for c in choices)
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-             "total_tokens": prompt_tokens + completion_tokens}
     if body.stream:
+        prompt_tokens, events = await run_in_threadpool(serving.stream, loaded, row, **options)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(completion_id, created, body.model, choices, usage if include_usage else None)
-        return StreamingResponse(events, media_type="text/event-stream")
+        chunks = _chunks(completion_id, created, body.model, options["n"], prompt_tokens, events, include_usage)
+        return StreamingResponse(chunks, media_type="text/event-stream")
+    prompt_tokens, choices = await run_in_threadpool(serving.complete, loaded, row, **options)
+    completion_tokens = sum(len(c.ids) for c in choices)
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": body.model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None, "annotations": []},
+            {"index": i, "message": {"role": "assistant", "content": c.emitted, "refusal": None, "annotations": []},
              "finish_reason": c.finish_reason, "logprobs": None}
             for i, c in enumerate(choices)
         ],
-        "usage": usage,
+        "usage": _usage(prompt_tokens, completion_tokens),
         "system_fingerprint": None,
         "service_tier": None,
     }
 
 
-def _stream(completion_id: str, created: int, model: str, choices: list[Any], usage: dict[str, int] | None) -> Iterator[str]:
-    """The SSE events of a streamed completion: a role delta, the text pieces, the finish reason per
-    choice, the usage chunk when asked for, then `[DONE]`."""
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _chunks(
+    completion_id: str, created: int, model: str, n: int, prompt_tokens: int,
+    events: Iterator[tuple[str, int, Any]], include_usage: bool,
+) -> Iterator[str]:
+    """The SSE events of a streamed completion, as tokens are generated: a role delta per choice,
+    text deltas, each choice's finish reason when it ends, the usage chunk when asked for, `[DONE]`."""
 
     def chunk(choice_list: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choice_list, **(extra or {})}
         return f"data: {json.dumps(body)}\n\n"
 
-    for i, choice in enumerate(choices):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}])
-        for piece in choice.pieces:
-            yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None, "logprobs": None}])
-        yield chunk([{"index": i, "delta": {}, "finish_reason": choice.finish_reason, "logprobs": None}])
-    if usage is not None:
-        yield chunk([], {"usage": usage})
+    def choice(index: int, delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]
+
+    for index in range(n):
+        yield chunk(choice(index, {"role": "assistant", "content": ""}))
+    for kind, index, value in events:
+        if kind == "delta":
+            yield chunk(choice(index, {"content": value}))
+        elif kind == "finish":
+            yield chunk(choice(index, {}, value))
+        elif include_usage:
+            yield chunk([], {"usage": _usage(prompt_tokens, value)})
     yield "data: [DONE]\n\n"

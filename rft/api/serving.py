@@ -11,9 +11,11 @@ concurrent requests would only share the same cores.
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +28,12 @@ from rft.api.store import Store
 
 @dataclass
 class Loaded:
-    """A served model and the lock its generations take turns on."""
+    """A served model, the lock its generations take turns on, and the lock around its tokenizer
+    (encoding and decoding from several request threads at once is not safe with every tokenizer)."""
 
     generator: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
+    text_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class ModelCache:
@@ -79,74 +83,140 @@ class ModelCache:
         return served_model(source, serving_settings(cfg))
 
 
-@dataclass
-class Completion:
-    """One choice: its text, why it ended, and how many tokens it took."""
+class ChoiceText:
+    """One choice's text as its tokens arrive: decoded (special tokens left out, as evaluation
+    decodes), cut before the first `stop` sequence, and handed out in pieces that never need taking
+    back (a piece waits while the bytes so far end inside a character, and the last characters wait
+    while they could begin a stop sequence). The pieces add up to the text; streamed or not, a
+    completion goes through here, so both give the same text."""
 
-    text: str
-    finish_reason: str
-    tokens: int
-    pieces: list[str]  # the text cut at token boundaries, for streaming
+    def __init__(self, loaded: Loaded, stops: list[str], max_tokens: int) -> None:
+        self.loaded, self.stops, self.max_tokens = loaded, [s for s in stops if s], max_tokens
+        self.stop_ids = set(loaded.generator.stop_ids)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.finish_reason: str | None = None
+
+    def _emit(self, target: str) -> str:
+        if len(target) > len(self.emitted) and target.startswith(self.emitted):
+            delta, self.emitted = target[len(self.emitted):], target
+            return delta
+        return ""
+
+    def _text(self) -> str:
+        from rft_core.models import decode
+
+        with self.loaded.text_lock:
+            return decode(self.loaded.generator.tokenizer, self.ids)
+
+    def feed(self, token: int) -> str:
+        """Take the next token; the text it adds (maybe none yet). Sets `finish_reason` once done."""
+        if self.finish_reason is not None:
+            return ""
+        self.ids.append(token)
+        text = self._text()
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.finish_reason = "stop"
+            return self._emit(text[:cut])
+        if token in self.stop_ids or len(self.ids) >= self.max_tokens:
+            self.finish_reason = "stop" if token in self.stop_ids else "length"
+            return self._emit(text)
+        if text.endswith("\ufffd"):
+            return ""
+        hold = max((len(s) - 1 for s in self.stops), default=0)
+        return self._emit(text[: len(text) - hold] if hold else text)
+
+    def close(self) -> str:
+        """The rest of the text when generation ended without this choice saying so."""
+        if self.finish_reason is not None:
+            return ""
+        self.finish_reason = "length"
+        return self._emit(self._text())
 
 
-def _text_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The decoded text in pieces that end at token boundaries (a piece waits while the bytes so
-    far end inside a character); the pieces add up to the decoded text exactly."""
-    from rft_core.models import decode
+def _generation(loaded: Loaded, row: dict[str, Any], max_tokens: int | None, temperature: float, top_p: float,
+                n: int, seed: int | None) -> tuple[list[int], dict[str, Any]]:
+    """The prompt's token ids and the `generate_ids` arguments of a request; 400 when the prompt and
+    the completion would not fit the model's context."""
+    generator = loaded.generator
+    max_new = max_tokens or int((generator.serving or {}).get("max_new_tokens") or 64)
+    with loaded.text_lock:
+        prompt = generator.prompt_ids([row])[0]
+    context = getattr(generator.model.config, "max_position_embeddings", None)
+    if context is not None and len(prompt) + max_new > context:
+        raise invalid(
+            f"the prompt ({len(prompt)} tokens) and max_completion_tokens ({max_new}) exceed the model's context "
+            f"of {context} tokens", param="max_completion_tokens",
+        )
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new}
+    if temperature > 0:
+        draw = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
+        kwargs.update(num_samples=n, temperature=temperature, top_p=top_p, seed=draw)
+    return prompt, kwargs
 
-    pieces, emitted = [], ""
-    for k in range(1, len(ids) + 1):
-        text = decode(tokenizer, ids[:k])
-        if text.startswith(emitted) and not text.endswith("\ufffd") and len(text) > len(emitted):
-            pieces.append(text[len(emitted):])
-            emitted = text
-    final = decode(tokenizer, ids)
-    if final.startswith(emitted):
-        if len(final) > len(emitted):
-            pieces.append(final[len(emitted):])
-    else:  # decoding was not prefix-stable: send the whole text at once
-        pieces = [final]
-    return pieces
 
-
-def _cut_at_stop(pieces: list[str], stops: list[str]) -> tuple[list[str], bool]:
-    """The pieces up to the first stop sequence (excluded), and whether one was found."""
-    text = "".join(pieces)
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    if cut < 0:
-        return pieces, False
-    kept, total = [], 0
-    for piece in pieces:
-        if total + len(piece) >= cut:
-            if cut > total:
-                kept.append(piece[: cut - total])
-            break
-        kept.append(piece)
-        total += len(piece)
-    return kept, True
+def _choices(loaded: Loaded, n: int, stops: list[str], max_new: int) -> list[ChoiceText]:
+    return [ChoiceText(loaded, stops, max_new) for _ in range(n)]
 
 
 def complete(
     loaded: Loaded, row: dict[str, Any], *, max_tokens: int | None, temperature: float, top_p: float, n: int,
     seed: int | None, stop: list[str],
-) -> tuple[int, list[Completion]]:
-    """(prompt tokens, `n` completions) of one conversation. Temperature 0 is greedy decoding (the
-    evaluation's); above it, `n` samples from `seed` (random when None)."""
-    generator = loaded.generator
-    max_new = max_tokens or int((generator.serving or {}).get("max_new_tokens") or 64)
+) -> tuple[int, list[ChoiceText]]:
+    """(prompt tokens, `n` finished choices) of one conversation. Temperature 0 is greedy decoding
+    (the evaluation's, the same for every choice); above it, `n` samples from `seed` (random when None)."""
+    prompt, kwargs = _generation(loaded, row, max_tokens, temperature, top_p, n, seed)
     with loaded.lock:
-        prompt = generator.prompt_ids([row])[0]
-        if temperature == 0:
-            ids = generator.generate_ids([prompt], max_new_tokens=max_new)[0] * n
-        else:
-            draw = seed if seed is not None else random.SystemRandom().randrange(1 << 31)
-            ids = generator.generate_ids([prompt], max_new_tokens=max_new, num_samples=n, temperature=temperature,
-                                         top_p=top_p, seed=draw)[0]
-    completions = []
-    stop_ids = set(generator.stop_ids)
-    for tokens in ids:
-        pieces = _text_pieces(generator.tokenizer, tokens)
-        pieces, stopped_on_text = _cut_at_stop(pieces, stop)
-        ended = stopped_on_text or (bool(tokens) and tokens[-1] in stop_ids)
-        completions.append(Completion("".join(pieces), "stop" if ended else "length", len(tokens), pieces))
-    return len(prompt), completions
+        ids = loaded.generator.generate_ids([prompt], **kwargs)[0]
+    choices = _choices(loaded, n, stop, kwargs["max_new_tokens"])
+    for choice, tokens in zip(choices, ids * n if temperature == 0 else ids, strict=True):
+        for token in tokens:
+            choice.feed(token)
+        choice.close()
+    return len(prompt), choices
+
+
+def stream(
+    loaded: Loaded, row: dict[str, Any], *, max_tokens: int | None, temperature: float, top_p: float, n: int,
+    seed: int | None, stop: list[str],
+) -> tuple[int, Iterator[tuple[str, int, Any]]]:
+    """(prompt tokens, events) of one conversation generated on a thread and read as it goes:
+    `("delta", choice, text)`, `("finish", choice, reason)` when a choice ends, then
+    `("usage", -1, completion tokens)`."""
+    prompt, kwargs = _generation(loaded, row, max_tokens, temperature, top_p, n, seed)
+    steps: queue.Queue[Any] = queue.Queue()
+    done = object()
+
+    def generate() -> None:
+        try:
+            with loaded.lock:
+                loaded.generator.generate_ids([prompt], **kwargs, on_tokens=steps.put)
+            steps.put(done)
+        except BaseException as exc:  # handed to the reader, which raises it in the response
+            steps.put(exc)
+
+    threading.Thread(target=generate, name="rft-stream", daemon=True).start()
+
+    def events() -> Iterator[tuple[str, int, Any]]:
+        choices = _choices(loaded, n, stop, kwargs["max_new_tokens"])
+        while (item := steps.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            for _, sample, token in item:
+                for index in (range(n) if temperature == 0 else (sample,)):
+                    choice = choices[index]
+                    if choice.finish_reason is not None:
+                        continue
+                    if delta := choice.feed(token):
+                        yield "delta", index, delta
+                    if choice.finish_reason is not None:
+                        yield "finish", index, choice.finish_reason
+        for index, choice in enumerate(choices):
+            if choice.finish_reason is None:
+                if delta := choice.close():
+                    yield "delta", index, delta
+                yield "finish", index, choice.finish_reason
+        yield "usage", -1, sum(len(c.ids) for c in choices)
+
+    return len(prompt), events()

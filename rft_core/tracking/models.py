@@ -102,6 +102,29 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
         self.model_cfg = _model_section(settings)
         self.stop_ids = end_of_response(self.tokenizer, self.model_cfg, self.model).stop_ids
 
+    # The input is hinted as a DataFrame because MLflow infers no signature from that hint: one
+    # inferred from `list[str]` would have no params schema and drop `max_new_tokens`, which
+    # `_signature()` declares. (Without any hint MLflow warns at class definition.)
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> list[str]:
+        from rft_core.evaluate import sample_completions
+        from rft_core.models import compute_in, decode, prompt_token_ids
+
+        settings = getattr(self, "serving", None) or RAW_SERVING
+        inputs = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        max_new_tokens = int((params or {}).get("max_new_tokens") or settings["max_new_tokens"])
+        longest = settings.get("max_prompt_length") or 1 << 30
+        rows = [_as_row(str(text)) for text in inputs]
+        ids = prompt_token_ids(pd.DataFrame(rows, columns=["prompt", "messages"]), self.tokenizer,
+                               self.model_cfg, longest)
+        with compute_in(self.model.device, getattr(self, "precision", torch.float32)):
+            completions = sample_completions(
+                self.model, self.tokenizer, ids, num_samples=1, max_new_tokens=max_new_tokens,
+                batch_size=int(settings.get("batch_size") or 1), stop_ids=self.stop_ids,
+            )
+        return [decode(self.tokenizer, c[0]) for c in completions]
+
     def prompt_ids(self, rows: list[dict[str, Any]]) -> list[list[int]]:
         """Token ids of prompts given as data rows (`{"prompt", "messages"}`, see `_as_row`),
         rendered as evaluation renders them and cut to the served `max_prompt_length`."""
@@ -115,11 +138,12 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
 
     def generate_ids(
         self, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
-        top_p: float = 1.0, seed: int | None = None,
+        top_p: float = 1.0, seed: int | None = None, on_tokens: Any = None,
     ) -> list[list[list[int]]]:
         """Completions [prompt][sample] -> token ids, ending on the end of response when they stop
         there; greedy (one per prompt) when `seed` is None, else `num_samples` sampled at
-        `temperature` / `top_p` from `seed` (`rft_core.evaluate.sample_completions`)."""
+        `temperature` / `top_p` from `seed`: `predict`'s generation (`sample_completions`), for
+        callers that sample or stream. `on_tokens` sees each step's new tokens as they come."""
         from rft_core.evaluate import sample_completions
         from rft_core.models import compute_in
 
@@ -128,23 +152,8 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
             return sample_completions(
                 self.model, self.tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
                 batch_size=int(settings.get("batch_size") or 1), temperature=temperature, top_p=top_p, seed=seed,
-                stop_ids=self.stop_ids,
+                stop_ids=self.stop_ids, on_tokens=on_tokens,
             )
-
-    # The input is hinted as a DataFrame because MLflow infers no signature from that hint: one
-    # inferred from `list[str]` would have no params schema and drop `max_new_tokens`, which
-    # `_signature()` declares. (Without any hint MLflow warns at class definition.)
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> list[str]:
-        from rft_core.models import decode
-
-        settings = getattr(self, "serving", None) or RAW_SERVING
-        inputs = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
-        max_new_tokens = int((params or {}).get("max_new_tokens") or settings["max_new_tokens"])
-        ids = self.prompt_ids([_as_row(str(text)) for text in inputs])
-        completions = self.generate_ids(ids, max_new_tokens=max_new_tokens)
-        return [decode(self.tokenizer, c[0]) for c in completions]
 
 
 def served_model(model_dir: str | Path, serving: dict[str, Any] | None = None, base_model: str | None = None) -> Any:
