@@ -130,6 +130,7 @@ class Server:
                "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         cmd = [sys.executable, "-m", "rft", "api", "--port", str(self.port), "--data-dir", str(self.data_dir),
                "--config", str(self.config), "--max-upload-mb", "1", *self.extra]
+        self.log = self.data_dir.parent / f"server-{self.port}.log"
         log = open(self.data_dir.parent / f"server-{self.port}.log", "ab")  # noqa: SIM115 - kept for the process
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir.parent)
         deadline = time.monotonic() + 120
@@ -187,7 +188,8 @@ def server(tmp_path_factory, prefect_api):
     root = tmp_path_factory.mktemp("api")
     config = root / "base.yaml"
     config.write_text(yaml.safe_dump(BASE))
-    srv = Server(root / "data", config, prefect_api)
+    # Jobs in the server's own workers (the harness has no deployment; the last test adds one).
+    srv = Server(root / "data", config, prefect_api, extra=["--prefect-deployment", "none"])
     srv.start()
     yield srv
     srv.stop()
@@ -630,6 +632,26 @@ def test_a_checkpoint_is_served_as_evaluation_would_generate_with_it(client, rei
         assert answer.choices[0].message.content == sample["completion"]
 
 
+def test_a_checkpoint_is_the_base_of_a_new_job_through_a_copy_of_it(client, reinforcement, server, data_files):
+    _, job = reinforcement
+    name = f"{job.fine_tuned_model}:ckpt-step-2"
+    train = upload(client, data_files["rft_train"])
+    child = client.fine_tuning.jobs.create(model=name, training_file=train.id, suffix="fromckpt",
+                                           method={"type": "reinforcement", "reinforcement": {"grader": PYTHON_GRADER}})
+    assert child.model == name
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(child.id).status != "validating_files", timeout=120,
+             what="the files to be validated")
+    assert client.fine_tuning.jobs.cancel(child.id).status == "cancelled"
+    source = Path(job_config(server, child.id)["model"]["name_or_path"])
+    assert source.parent == server.data_dir / "models"  # a copy: the parent job prunes its checkpoints
+    [original] = (server.data_dir / "jobs" / job.id / "out" / "stages").glob("rl-*/checkpoints/step-2/model")
+    assert sorted(p.name for p in source.iterdir()) == sorted(p.name for p in original.iterdir())
+    assert (source / "model.safetensors").read_bytes() == (original / "model.safetensors").read_bytes()
+    # The fine-tuned model keeps the root base's name: ft:rft-tiny:..., as OpenAI names models of models.
+    assert client.fine_tuning.jobs.retrieve(child.id).model_dump()["method"]["type"] == "reinforcement"
+    assert job_config(server, child.id)["registry"]["model_name"] == "ft-rft-tiny-fromckpt"
+
+
 def test_chat_refuses_base_models_and_conversations_not_ending_with_the_user(client, reinforcement):
     _, job = reinforcement
     with pytest.raises(openai.BadRequestError) as err:
@@ -836,6 +858,35 @@ def test_pause_resume_then_kill_9_of_server_and_worker_resume_from_the_last_chec
     assert sorted(steps) == list(range(1, 49))
 
 
+def test_supervised_files_become_rfts_form_line_for_line(tmp_path):
+    from rft.api.job_data import prepare_file
+
+    rows = [
+        json.dumps({"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1 #### 1"}]}),
+        "",
+        json.dumps({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"},
+                                 {"role": "assistant", "content": "a2"}, {"role": "user", "content": "q3"},
+                                 {"role": "assistant", "content": "a3"}], "reference": "r", "topic": "t"}),
+        json.dumps({"messages": [{"role": "user", "content": "rft row"}], "reference_answer": "4"}),
+        "{not json",
+        json.dumps({"messages": [{"role": "assistant", "content": "alone"}]}),
+    ]
+    source = tmp_path / "in.jsonl"
+    source.write_bytes("\r\n".join(rows).encode() + b"\r\n")
+    target = tmp_path / "out" / "train.jsonl"
+    prepare_file(source, target, "supervised")
+    lines = target.read_bytes().split(b"\r\n")
+    assert len(lines) == len(rows) + 1 and lines[1] == b"" and lines[4] == b"{not json"
+    first, third = json.loads(lines[0]), json.loads(lines[2])
+    assert first == {"messages": [{"role": "user", "content": "q1"}], "solution": "a1 #### 1", "reference": "a1 #### 1"}
+    assert [m["content"] for m in third["messages"]] == ["s", "q2", "a2", "q3"]
+    assert (third["solution"], third["reference"], third["original_reference"], third["topic"]) == ("a3", "a3", "r", "t")
+    assert lines[3] == rows[3].encode() and lines[5] == rows[5].encode()  # not chat rows ending with an answer
+    prepare_file(source, tmp_path / "rl.jsonl", "reinforcement")
+    assert (tmp_path / "rl.jsonl").read_bytes() == source.read_bytes()
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
 # --------------------------------------------------------------------------- the hyperparameter table
 
 
@@ -860,3 +911,63 @@ def test_hyperparameters_map_onto_the_config_as_the_table_says():
     overrides, written = hp_map.reinforcement_settings(base, {}, 320)
     assert set(overrides) == {"sft.enabled", "rl.enabled"}
     assert written["n_epochs"] == 30 and written["batch_size"] == 32  # 300 iterations x 32 prompts over 320
+
+
+# --------------------------------------------------------------------------- jobs as deployment runs
+
+
+@pytest.mark.slow
+def test_with_rfts_deployment_on_the_prefect_server_a_job_is_a_flow_run_of_it(
+    tmp_path, prefect_api, data_files
+):
+    """`rft serve` serves the rft-pipeline deployment against the Prefect API; a server started
+    beside it runs its jobs as flow runs of that deployment (named after the job), and records
+    their result from the tracking store when they complete."""
+    from prefect.client.orchestration import get_client
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1"}
+    serve_log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the serving process's
+    serving = subprocess.Popen([sys.executable, "-m", "rft", "serve", "--deployment", "rft-pipeline"], cwd=REPO,
+                               env=env, stdout=serve_log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = None
+    try:
+        def deployed() -> bool:
+            assert serving.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            with get_client(sync_client=True) as prefect:
+                return any(d.name == "rft-pipeline" for d in prefect.read_deployments())
+
+        wait_for(deployed, timeout=180, what="rft serve to register its deployment")
+        config = tmp_path / "base.yaml"
+        config.write_text(yaml.safe_dump(BASE))
+        (tmp_path / "data").mkdir()
+        api = Server(tmp_path / "data", config, prefect_api)
+        api.start()
+        client = OpenAI(base_url=api.url, api_key=KEY, max_retries=0, timeout=120)
+        train, val = upload(client, data_files["sft_train"]), upload(client, data_files["sft_val"])
+        job = client.fine_tuning.jobs.create(model="rft-tiny", training_file=train.id, validation_file=val.id,
+                                             method={"type": "supervised"})
+        done = finished(client, job.id)
+        assert done.status == "succeeded", done.error
+        started = [e.message for e in client.fine_tuning.jobs.list_events(job.id) if "flow run" in e.message]
+        assert started and "rft-pipeline/rft-pipeline" in started[0]
+        with get_client(sync_client=True) as prefect:
+            [run] = [r for r in prefect.read_flow_runs() if r.name == job.id]
+        assert run.state.type.name == "COMPLETED" and run.deployment_id is not None
+        assert started[0].split("flow run ")[1].split()[0] == str(run.id)
+        assert not (tmp_path / "data" / "jobs" / job.id / "worker.log").exists()  # no local worker ran it
+        metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"]
+        assert sorted(d["step"] for d in metrics) == [0, 1, 2, 3, 4]
+        reply = client.chat.completions.create(model=done.fine_tuned_model, temperature=0,
+                                               messages=[{"role": "user", "content": "Ann has 2 cats."}])
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        if api is not None:
+            api.stop()
+        os.killpg(serving.pid, signal.SIGTERM)
+        try:
+            serving.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serving.pid, signal.SIGKILL)
+        with get_client(sync_client=True) as prefect:  # the module's server runs jobs in its own workers again
+            for deployment in prefect.read_deployments():
+                prefect.delete_deployment(deployment.id)

@@ -39,6 +39,11 @@ def api_cmd(
     max_concurrent_jobs: Annotated[int, typer.Option("--max-concurrent-jobs", min=1, help="Jobs running at once; the rest queue.")] = 1,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest file upload.")] = 512.0,
     model_cache_size: Annotated[int, typer.Option("--model-cache-size", min=1, help="Served models kept loaded.")] = 2,
+    prefect_deployment: Annotated[str, typer.Option(
+        "--prefect-deployment",
+        help="Run jobs as flow runs of this deployment when PREFECT_API_URL names a server that has it "
+        "('none': always in this server's own worker processes).",
+    )] = "rft-pipeline/rft-pipeline",
 ) -> None:
     """Serve OpenAI's fine-tuning API for the openai SDK: point its base_url at http://HOST:PORT/v1."""
     from rft.api.auth import AuthConfigError, check_bind, load_keys
@@ -56,6 +61,7 @@ def api_cmd(
         data_dir=data_dir, keys=keys, config_path=config, overrides=list(set_ or []), models=parse_models(model),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_concurrent_jobs=max_concurrent_jobs,
         model_cache_size=model_cache_size,
+        deployment=None if prefect_deployment.lower() == "none" else prefect_deployment,
     )
     try:
         settings.base_config()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,13 @@ class FileProblem(ValueError):
 def link_or_copy(source: Path, target: Path) -> None:
     """`target` holds `source`'s bytes: a hard link (no copy of a large file) where the disk allows."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.unlink(missing_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.unlink(missing_ok=True)
     try:
-        os.link(source, target)
+        os.link(source, partial)
     except OSError:
-        target.write_bytes(source.read_bytes())
+        shutil.copyfile(source, partial)
+    os.replace(partial, target)
 
 
 def supervised_line(line: bytes) -> bytes:
@@ -79,11 +82,13 @@ def prepare_file(source: Path, target: Path, method_type: str) -> None:
         link_or_copy(source, target)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(source, "rb") as src, open(target, "wb") as out:
+    partial = target.with_name(target.name + ".partial")  # a server killed mid-way leaves no half file
+    with open(source, "rb") as src, open(partial, "wb") as out:
         for line in src:
             ending = line[len(line.rstrip(b"\r\n")):]
             body = line[: len(line) - len(ending)]
             out.write((supervised_line(body) if body.strip() else body) + ending)
+    os.replace(partial, target)
 
 
 @dataclass

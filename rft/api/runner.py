@@ -25,13 +25,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from rft.api import deployments, job_data, results
 from rft.api import hyperparameters as hp_map
-from rft.api import job_data, results
 from rft.api.catalog import TRAINING_STAGE
 from rft.api.settings import ServerSettings
 from rft.api.store import Job, Store, now
@@ -41,6 +42,13 @@ logger = logging.getLogger("rft.api")
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
 RESUMABLE_NOTE = "it can be resumed: POST /v1/fine_tuning/jobs/{id}/resume continues from its last checkpoint"
+
+
+@dataclass(frozen=True)
+class FlowHandle:
+    """A job running as a flow run of rft's Prefect deployment (instead of a local worker)."""
+
+    flow_run_id: str
 
 
 def worker_command(settings: ServerSettings, job_id: str) -> list[str]:
@@ -95,7 +103,9 @@ class JobRunner:
 
     def __init__(self, settings: ServerSettings, store: Store) -> None:
         self.settings, self.store = settings, store
-        self._procs: dict[str, subprocess.Popen | int] = {}  # job id -> its worker (Popen, or pid when adopted)
+        # job id -> its worker: a Popen, a pid (taken up after a restart), or a deployment's flow run
+        self._procs: dict[str, subprocess.Popen | int | FlowHandle] = {}
+        self.deployment: str | None = None
         self._lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -106,6 +116,9 @@ class JobRunner:
     # ------------------------------------------------------------------ life
 
     def start(self) -> None:
+        self.deployment = deployments.find_deployment(self.settings.deployment)
+        if self.deployment:
+            logger.info("jobs run as flow runs of the Prefect deployment %s", self.deployment)
         self.adopt()
         self._thread = threading.Thread(target=self._loop, name="rft-jobs", daemon=True)
         self._thread.start()
@@ -122,6 +135,10 @@ class JobRunner:
         """After a (re)start: follow the workers still running, queue again the jobs whose worker is
         gone without an outcome, validate again the jobs whose validation was cut off."""
         for job in self.store.list_jobs(order="asc"):
+            if job.data.get("flow_run_id") and job.status in ("running", "paused", "cancelled"):
+                with self._lock:  # the next tick reads its state, and records an outcome reached meanwhile
+                    self._procs[job.id] = FlowHandle(job.data["flow_run_id"])
+                continue
             pid = job.data.get("pid")
             if pid and process_alive(pid, job.id):
                 with self._lock:
@@ -234,6 +251,11 @@ class JobRunner:
             proc = self._procs.get(job_id)
         if proc is None:
             return False
+        if isinstance(proc, FlowHandle):
+            try:
+                return not deployments.state(proc.flow_run_id).final
+            except Exception:  # the Prefect API is unreachable: the run is not known to be over
+                return True
         if isinstance(proc, subprocess.Popen):
             return proc.poll() is None
         return process_alive(proc, job_id)
@@ -245,9 +267,13 @@ class JobRunner:
             if self._alive(job_id):
                 continue
             with self._lock:
-                self._procs.pop(job_id, None)
+                proc = self._procs.pop(job_id, None)
             self.store.transition(job_id, None, pid=None)
             job = self.store.get_job(job_id)
+            if isinstance(proc, FlowHandle):
+                if job is not None and job.status == "running":
+                    self._flow_run_ended(job, proc)
+                continue
             if job is not None and job.status == "running":
                 # The worker ended without recording an outcome: killed, or out of memory.
                 message = f"The job's worker process stopped before the job finished; {RESUMABLE_NOTE.format(id=job_id)}."
@@ -269,10 +295,31 @@ class JobRunner:
             if self._launch(job):
                 busy += 1
 
+    def _flow_run_ended(self, job: Job, handle: FlowHandle) -> None:
+        """Record the outcome of a job's deployment flow run (the local worker records its own)."""
+        from rft.api.worker import finish_from_tracking
+
+        final = deployments.state(handle.flow_run_id)
+        if final.type == "COMPLETED":
+            try:
+                finish_from_tracking(self.settings, self.store, job)
+            except Exception as exc:
+                logger.exception("recording the result of %s failed", job.id)
+                self._fail(job.id, ("running",), "finalize_failed", f"the flow run {handle.flow_run_id} completed "
+                           f"but recording its result failed: {type(exc).__name__}: {exc}")
+            return
+        resumable = final.type in ("CRASHED", "CANCELLED")
+        note = f"; {RESUMABLE_NOTE.format(id=job.id)}" if resumable else ""
+        self._fail(job.id, ("running",), "training_failed" if final.type == "FAILED" else "flow_run_stopped",
+                   f"flow run {handle.flow_run_id} ended {final.type.lower()}: {final.message}{note}", resumable=resumable)
+
     def _launch(self, job: Job) -> bool:
-        started = self.store.transition(job.id, ("queued",), "running", started_at=now(), error=None, resumable=None)
+        started = self.store.transition(job.id, ("queued",), "running", started_at=now(), error=None, resumable=None,
+                                        flow_run_id=None)
         if started is None:
             return False
+        if self.deployment:
+            return self._launch_flow_run(job)
         work = self.settings.job_dir(job.id)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(work / "worker.log", "ab") as log:
@@ -288,6 +335,21 @@ class JobRunner:
             self._procs[job.id] = proc
         self.store.transition(job.id, None, pid=proc.pid)
         self.store.add_event(job.id, "Fine-tuning job started")
+        return True
+
+    def _launch_flow_run(self, job: Job) -> bool:
+        try:
+            flow_run_id = deployments.submit(self.deployment, self.settings.job_dir(job.id) / "config.yaml", job.id)
+        except Exception as exc:
+            self._fail(job.id, ("running",), "worker_start_failed",
+                       f"cannot start a run of the deployment {self.deployment}: {type(exc).__name__}: {exc}",
+                       resumable=True)
+            return False
+        with self._lock:
+            self._procs[job.id] = FlowHandle(flow_run_id)
+        self.store.transition(job.id, None, flow_run_id=flow_run_id)
+        self.store.add_event(job.id, f"Fine-tuning job started: flow run {flow_run_id} of the Prefect deployment "
+                             f"{self.deployment}")
         return True
 
     def _sync_running(self) -> None:
@@ -310,6 +372,13 @@ class JobRunner:
         """Ask the job's worker (its whole process group) to stop; False when none runs."""
         with self._lock:
             proc = self._procs.get(job_id)
+        if isinstance(proc, FlowHandle):
+            try:
+                deployments.cancel(proc.flow_run_id)
+            except Exception:
+                logger.exception("cannot cancel flow run %s of %s", proc.flow_run_id, job_id)
+                return False
+            return True
         pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
         if pid is None or not self._alive(job_id):
             return False

@@ -36,6 +36,9 @@ class ServerSettings:
     max_concurrent_jobs: int = 1
     model_cache_size: int = 2
     poll_interval_s: float = 1.0
+    # Jobs run as flow runs of this Prefect deployment when PREFECT_API_URL names a server that has it
+    # (None: always in the server's own worker processes).
+    deployment: str | None = "rft-pipeline/rft-pipeline"
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import traceback
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,38 @@ def finish(settings: ServerSettings, store: Store, job: Job, cfg: Any, summary: 
         store.add_event(job.id, "The job has successfully completed")
 
 
+def finish_from_tracking(settings: ServerSettings, store: Store, job: Job) -> None:
+    """Record a job whose pipeline ran elsewhere (a run of the Prefect deployment): its summary read
+    back from the MLflow parent run named after the job and from the job's stage directories."""
+    from mlflow import MlflowClient
+
+    from rft_core.tracking import tags
+
+    cfg = read_config(settings, job.id)
+    client = MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{job.id}'",
+                              order_by=["attributes.start_time DESC"]) if experiment else []
+    parent = next((run for run in runs if run.info.status == "FINISHED"), None)
+    if parent is None:
+        raise RuntimeError(f"no finished MLflow run named {job.id} in experiment {cfg.experiment}")
+    stage = "sft" if job.data.get("method_type") == "supervised" else "rl"
+    models = sorted(Path(cfg.output_dir, "stages").glob(f"{stage}-*/model"), key=lambda p: p.stat().st_mtime)
+    if not models:
+        raise RuntimeError(f"no {stage} model under {cfg.output_dir}/stages")
+    version = parent.data.tags.get(tags.TAG_REGISTERED_VERSION)
+    metrics = {key.removeprefix("eval/"): value for key, value in parent.data.metrics.items()
+               if key.startswith("eval/") and key.count("/") == 1}
+    summary = {
+        "model_dir": str(models[-1]),
+        "registered": {"name": cfg.registry.model_name, "version": int(version)} if version else None,
+        "mlflow_run_id": parent.info.run_id,
+        "metrics": {stage: metrics},
+        "gate": {"decision": parent.data.tags.get(tags.GATE_DECISION), "reason": parent.data.tags.get(tags.GATE_REASON)},
+    }
+    finish(settings, store, job, cfg, summary)
+
+
 def fail(store: Store, job_id: str, code: str, message: str) -> None:
     if store.transition(job_id, ("running",), "failed", error={"code": code, "message": message, "param": None},
                         finished_at=now(), resumable=True if code == "interrupted" else None):
@@ -85,9 +118,11 @@ def run(settings: ServerSettings, job_id: str) -> int:
     from rft.run import _quiet_libraries
 
     store = Store(settings.db_path)
-    job = store.get_job(job_id)
-    if job is None or job.status != "running":
-        return 0
+    # Recorded here too, not only by the server that started it: a server killed right after the
+    # start still finds this worker on restart.
+    job = store.transition(job_id, ("running",), pid=os.getpid())
+    if job is None:
+        return 0  # cancelled or paused before it started
     _quiet_libraries()
     cfg = read_config(settings, job_id)
     from flows.pipeline import rft_pipeline
