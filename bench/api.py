@@ -1,10 +1,12 @@
 """`rft api`: what serving jobs through OpenAI's API costs, and how fast chat completions answer.
 
-1. Job overhead: one reinforcement job on rft-tiny submitted through the openai SDK (upload, create,
+1. Job overhead: a reinforcement job on rft-tiny submitted through the openai SDK (upload, create,
    poll until `succeeded`: file validation, queueing, the worker process, the pipeline flow, the
    recording of its result) against `rft run` on exactly the job's config (the `config.yaml` the
-   server wrote for it, with another output directory), both started from nothing (tiny model
-   pretraining, Prefect's temporary server, MLflow store). Overhead = API / rft run - 1.
+   server wrote for it, with another output directory), each started from nothing (tiny model
+   pretraining, Prefect's temporary server, MLflow store). With `--repeats 2` they alternate
+   (API, rft run, rft run, API) so that a drift of the machine's load weighs on both sides alike.
+   Overhead = median API time / median rft run time - 1.
 2. Chat latency: greedy chat completions (temperature 0, the job's `eval.max_new_tokens`) on the
    job's fine-tuned model, from 1 client and from 8 concurrent clients: p50 / p95 latency,
    requests per second, and (1 client, streamed) the time to the first content chunk.
@@ -12,7 +14,7 @@
 Both sides run with the same thread settings (`--threads`, default 2: OMP_NUM_THREADS for the
 server, its workers and `rft run`).
 
-    python bench/api.py --out bench/results/api.json [--iterations 40] [--requests 40]
+    python bench/api.py --out bench/results/api.json [--iterations 40] [--repeats 2] [--requests 40]
 """
 
 from __future__ import annotations
@@ -118,9 +120,9 @@ def api_job(client, train: Path, val: Path) -> tuple[object, float]:
     return job, seconds
 
 
-def rft_run(job_config: Path, root: Path, threads: int) -> float:
+def rft_run(job_config: Path, root: Path, threads: int, index: int = 0) -> float:
     """`rft run` on the job's own config, in another output directory (and its own MLflow store)."""
-    out = root / "rft-run"
+    out = root / f"rft-run-{index}"
     cmd = [sys.executable, "-m", "rft", "run", "--config", str(job_config), "--json",
            "--set", f"output_dir={out}", "--set", f"tracking.tracking_uri=sqlite:///{out / 'mlflow.db'}"]
     started = time.perf_counter()
@@ -182,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "api.json")
     parser.add_argument("--iterations", type=int, default=40, help="RL iterations of the job")
+    parser.add_argument("--repeats", type=int, default=1, help="jobs per side (alternating API / rft run)")
     parser.add_argument("--requests", type=int, default=40, help="chat completions per client")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every process")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -196,9 +199,17 @@ def main() -> None:
     proc, url = start_server(root, config, args.threads)
     try:
         client = OpenAI(base_url=url, api_key="bench-key", max_retries=0, timeout=600)
-        job, api_seconds = api_job(client, train, val)
-        job_config = root / "data" / "jobs" / job.id / "config.yaml"
-        run_seconds = rft_run(job_config, root, args.threads)
+        api_times, run_times = [], []
+        for repeat in range(args.repeats):
+            if repeat % 2 == 0:
+                job, seconds = api_job(client, train, val)
+                api_times.append(seconds)
+                run_times.append(rft_run(root / "data" / "jobs" / job.id / "config.yaml", root, args.threads, repeat))
+            else:
+                run_times.append(rft_run(root / "data" / "jobs" / job.id / "config.yaml", root, args.threads, repeat))
+                job, seconds = api_job(client, train, val)
+                api_times.append(seconds)
+        api_seconds, run_seconds = statistics.median(api_times), statistics.median(run_times)
         client.chat.completions.create(model=job.fine_tuned_model, temperature=0,
                                        messages=[{"role": "user", "content": QUESTION}])  # loads the model
         chat = [latency(client, job.fine_tuned_model, 1, args.requests),
@@ -209,15 +220,16 @@ def main() -> None:
         proc.wait(timeout=30)
     report = {
         "job": {"id": job.id, "iterations": args.iterations, "api_s": api_seconds, "rft_run_s": run_seconds,
-                "overhead": api_seconds / run_seconds - 1.0},
+                "api_runs_s": api_times, "rft_run_runs_s": run_times, "overhead": api_seconds / run_seconds - 1.0},
         "chat": chat,
         "stream": streamed,
         "threads": args.threads,
+        "load_average_after": os.getloadavg(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
     print(f"\njob: {args.iterations} RL iterations on rft-tiny")
-    print(f"  through the API  {api_seconds:8.1f} s")
-    print(f"  rft run          {run_seconds:8.1f} s")
+    print(f"  through the API  {api_seconds:8.1f} s  (runs: {', '.join(f'{t:.1f}' for t in api_times)})")
+    print(f"  rft run          {run_seconds:8.1f} s  (runs: {', '.join(f'{t:.1f}' for t in run_times)})")
     print(f"  overhead         {100 * report['job']['overhead']:+7.1f} %")
     print("\nchat completions (greedy, the job's max_new_tokens)")
     print(f"  {'clients':>7} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'req/s':>7}")
