@@ -33,7 +33,6 @@ import yaml
 
 from rft.api import deployments, job_data, results
 from rft.api import hyperparameters as hp_map
-from rft.api.catalog import TRAINING_STAGE
 from rft.api.settings import ServerSettings
 from rft.api.store import Job, Store, now
 from rft_core.config import ConfigError, RFTConfig
@@ -419,5 +418,3 @@ def read_config(settings: ServerSettings, job_id: str) -> RFTConfig:
     raw = yaml.safe_load((settings.job_dir(job_id) / "config.yaml").read_text())
     return RFTConfig.from_dict(raw, source=f"job {job_id}")
 
-
-__all__ = ["JobRunner", "TRAINING_STAGE", "job_config", "read_config"]
