@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run
 
-from rft_core import stages, tracking
+from rft_core import preflight, stages, tracking
 from rft_core.config import RFTConfig
 from rft_core.graders.sandbox import sandbox_warning
 from rft_core.tracking import tags
@@ -51,7 +51,8 @@ def _results_storage(config: RFTConfig) -> str:
 class _StageRunner:
     """`run(task)(*args)` calls a stage task of this flow run: with the results storage (and
     `fresh`: recompute, refreshing the cache), reporting to the MLflow parent run, timed into
-    `seconds[task.name]`. A cache hit whose stage run belongs to an earlier pipeline run is tagged
+    `seconds[task.name]`. A cache hit whose files are gone or damaged (`stages.record_problem`)
+    is computed again. A cache hit whose stage run belongs to an earlier pipeline run is tagged
     `rft.reused.<stage>` on the parent run, so the parent points at the run that did the work."""
 
     parent_run_id: str
@@ -68,7 +69,15 @@ class _StageRunner:
 
         def call(*args: Any) -> Any:
             started = time.perf_counter()
-            record = configured(*args, parent_run_id=self.parent_run_id, tracking_uri=self.tracking_uri)
+            kwargs = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri}
+            state = configured(*args, **kwargs, return_state=True)
+            record = state.result()
+            if state.name == "Cached" and (problem := stages.record_problem(record)):
+                # The cache holds a record, not the files it names: files deleted or damaged since
+                # would fail a later stage with a message about something else. Run it again.
+                get_run_logger().warning("the cached %s result cannot be reused (%s): running %s again",
+                                         stage_task.name, problem, stage_task.name)
+                record = configured.with_options(refresh_cache=True)(*args, **kwargs)
             self.seconds[stage_task.name] = time.perf_counter() - started
             stage_run = getattr(record, "run_id", None)
             if stage_run and _parent_of(stage_run, self.tracking_uri) not in (self.parent_run_id, None):
@@ -85,6 +94,7 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
     config = config or RFTConfig()
     log = get_run_logger()
     logging.getLogger("rft").setLevel(logging.INFO)
+    preflight.check(config)  # what needs no training to find fails now, not after it
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
     if warning := sandbox_warning(config.grader.sandbox):
@@ -119,7 +129,10 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
             "rejected": {role: rep["rejected"] for role, rep in data.reports.items()},
             "model_dir": final.model_dir,
             "training_curve": curve,
+            "guard": [event["message"] for event in getattr(models.get("rl"), "events", None) or []],
         }
+        for message in summary["guard"]:
+            log.warning("RL guard: %s", message)
         if config.registry.enabled and final.model_uri:
             registered = run(register_model)(config, split, final, evaluation)
             summary["registered"] = {"name": registered.name, "version": registered.version}
@@ -151,6 +164,8 @@ def _report(summary: dict[str, Any], uri: str) -> str:
         metric = summary.get("gate_metric", "eval/accuracy").rsplit("/", 1)[-1]
         table[f"champion v{gate['champion_version']}"] = {metric: gate["champion_value"]}
     lines = ["# RFT evaluation (validation set)", "", stages.evaluation_table(table), ""]
+    if summary.get("guard"):
+        lines += ["**The RL guard acted**:", *(f"- {message}" for message in summary["guard"]), ""]
     if "registered" in summary:
         reg = summary["registered"]
         lines.append(f"Registered **{reg['name']}** version **{reg['version']}**.")

@@ -15,20 +15,21 @@ from prefect.artifacts import create_markdown_artifact
 from rft_core import stages, tracking
 from rft_core.config import RFTConfig
 from rft_core.tracking import tags
+from tasks.stages import transient_failure
 
 
 class RegressionDetected(RuntimeError):
     """The evaluated model scored below the threshold."""
 
 
-@task(name="load-data", retries=2, retry_delay_seconds=5)
+@task(name="load-data", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_failure)
 def load_validation(config: RFTConfig) -> stages.SplitRecord:
     """The validation items the config names (validated and split exactly as the pipeline does)."""
     data = stages.validate_stage(config)
     return stages.split_stage(config, data)
 
 
-@task(name="evaluate-registered", retries=1, retry_delay_seconds=10)
+@task(name="evaluate-registered", retries=1, retry_delay_seconds=10, retry_condition_fn=transient_failure)
 def evaluate_registered(config: RFTConfig, model_uri: str, split: stages.SplitRecord) -> dict[str, float]:
     return stages.model_evaluator(config, split, tracking.resolve_tracking_uri(config))(model_uri)
 

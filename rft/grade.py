@@ -11,10 +11,11 @@ for an error result: the JSON says so). Files print a summary (count, mean rewar
 with `--out`, one JSON line per row. `--data` is a JSONL file of item objects (used as they
 are); a CSV, Parquet or ReFT JSON file goes through the data layer, so its items are the ones
 graders see in training. Samples are a JSONL of `{"output_text": ...}` objects or JSON strings,
-paired with the items by position. `--validate` exits 0 when the spec is valid and 1 with the
-problems listed when it is not. Unusable input (missing file, bad JSON, counts that differ,
-an invalid spec to run) exits 2 with a message and no traceback. Without `--grader` the default
-grader runs (numeric_match on `item.reference`).
+paired with the items by position. `--validate` exits 0 when the spec is valid and 1 with one
+line per problem when it is not (a file that does not parse, a formula nested too deeply, a spec
+too large). Unusable input (missing file, bad JSON, counts that differ, an invalid spec to run)
+exits 2 with a message and no traceback. Without `--grader` the default grader runs
+(numeric_match on `item.reference`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Annotated, Any
 import typer
 
 from rft.errors import EXIT_NEGATIVE, fail
+from rft_core.data.readers import parse_json
+from rft_core.files import DATA_LIMIT, FileProblem, atomic_write, jsonl_lines, read_text, refuse_inputs
 from rft_core.graders import GraderSpecError
 
 
@@ -34,20 +37,20 @@ class UsageProblem(Exception):
 
 
 def _read_jsonl(path: Path, what: str) -> list[Any]:
+    """The JSON values of a JSON-lines file, by line (lines split on "\n" only: U+2028 and U+0085
+    are valid inside JSON strings); blank lines skipped."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageProblem(f"{what} file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageProblem(f"cannot read {what} file {path}: {exc}") from None
+        lines = jsonl_lines(read_text(path, f"{what} file", DATA_LIMIT))
+    except FileProblem as exc:  # missing, a directory, a FIFO or device, too large, not UTF-8
+        raise UsageProblem(str(exc)) from None
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError as exc:
-            raise UsageProblem(f"{path}:{number}: not valid JSON: {exc}") from None
+        value, reason = parse_json(line)  # malformed, too deep, a number past Python's digit limit
+        if reason is not None:
+            raise UsageProblem(f"{path}:{number}: not valid JSON: {reason}")
+        rows.append(value)
     return rows
 
 
@@ -101,18 +104,19 @@ def _spec_from(grader_file: Path | None) -> dict[str, Any]:
 def _validate(path: Path) -> None:
     from rft_core.graders import load_grader_spec, validate_grader_spec
 
-    if not path.exists():
-        raise fail(f"grader file {path} not found")
+    try:
+        read_text(path, "grader file")  # unusable (missing, a directory, not UTF-8): exit 2, not "invalid"
+    except FileProblem as exc:
+        raise fail(str(exc)) from None
     try:
         spec = load_grader_spec(path)
     except GraderSpecError as exc:
         typer.echo(f"invalid: {exc}")
         raise typer.Exit(EXIT_NEGATIVE) from None
     problems = validate_grader_spec(spec)
-    if problems:
-        typer.echo(f"invalid: {path}: {len(problems)} problem(s)")
+    if problems:  # one line per problem, each naming the file
         for problem in problems:
-            typer.echo(f"  - {problem}")
+            typer.echo(f"invalid: {path}: {problem}")
         raise typer.Exit(EXIT_NEGATIVE)
     typer.echo(f"valid: {path} ({spec.get('type')} grader {spec.get('name', '')!r})")
 
@@ -134,7 +138,9 @@ def grade_cmd(
         Path | None, typer.Option("--validate", help="Check this grader spec without running it.")
     ] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Parallel graders (python/HTTP).")] = 0,
-    timeout_s: Annotated[float, typer.Option("--timeout-s", min=0.001, help="Python grader time limit.")] = 10.0,
+    timeout_s: Annotated[
+        float, typer.Option("--timeout-s", min=0.001, help="Python grader time limit per call, its source's imports included.")
+    ] = 10.0,
     memory_mb: Annotated[int, typer.Option("--memory-mb", min=64, help="Python grader memory limit.")] = 1024,
 ) -> None:
     """Run a grader on one sample or on files of items and samples, or validate a grader spec."""
@@ -194,6 +200,13 @@ def _grade_files(
 
     if data is None or samples is None:
         raise UsageProblem("--data and --samples go together (items and samples, paired by line)")
+    if out is not None:
+        # Before any grading: an --out that is an input would be lost only after the whole run.
+        try:
+            refuse_inputs(out, {"--data file": data, "--samples file": samples, "--grader file": grader_file},
+                          what="--out file")
+        except FileProblem as exc:
+            raise UsageProblem(str(exc)) from None
     items = _load_items(data)
     outputs = _load_samples(samples)
     if len(items) != len(outputs):
@@ -202,12 +215,13 @@ def _grade_files(
         results = grade_batch(built, outputs, items, workers=workers)
     if out is not None:
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with out.open("w", encoding="utf-8") as handle:
+            with atomic_write(out, newline="\n") as handle:
                 for index, result in enumerate(results):
                     handle.write(json.dumps({"index": index, **result.to_dict()}, ensure_ascii=False) + "\n")
+        except FileProblem as exc:
+            raise UsageProblem(str(exc)) from None
         except OSError as exc:
-            raise UsageProblem(f"cannot write {out}: {exc}") from None
+            raise UsageProblem(f"{out}: cannot write the --out file: {exc.strerror or exc}") from None
     summary = summarize(results)
     mean = summary["mean_reward"]
     typer.echo(f"graded: {summary['count']}")

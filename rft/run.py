@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,6 +17,7 @@ from rich.table import Table
 from rft.errors import fail
 from rft.progress import live_progress
 from rft_core.config import ConfigError, RFTConfig
+from rft_core.files import FileProblem, refuse_inputs
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config file (default: the built-in demo).")
@@ -27,10 +29,19 @@ SetOption = Annotated[
 
 
 def load_config(config: Path | None, overrides: list[str] | None) -> RFTConfig:
+    """The config of the command line, with everything that needs no training checked
+    (`rft_core.preflight`: the files it names, the grader spec, a local model directory, the
+    output directory): a FIFO, a missing file or an invalid spec is one line each here, not a
+    failed task later."""
+    from rft_core.preflight import preflight
+
     try:
-        return RFTConfig.load(config, overrides or [])
+        cfg = RFTConfig.load(config, overrides or [])
     except ConfigError as exc:
         raise fail(str(exc)) from None
+    if problems := preflight(cfg):
+        raise fail("\n".join(problems))
+    return cfg
 
 
 def _quiet_libraries() -> None:
@@ -54,21 +65,66 @@ def run_cmd(
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore cached stage results; recompute everything.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Run the pipeline: validate, split, SFT, RL, evaluate, register, promote."""
+    """Run the pipeline: validate, split, SFT, RL, evaluate, register, promote.
+
+    Ctrl-C (or SIGTERM) stops training at its next step with a checkpoint, ends the MLflow runs
+    KILLED and prints the command that resumes; a second Ctrl-C stops at once."""
     _quiet_libraries()
     cfg = load_config(config, set_)
-    from flows.pipeline import rft_pipeline
     from rft_core import tracking
+    from rft_core.lifecycle import stop_on_signals
 
     try:
-        with live_progress():
+        # Before the flow starts (and Prefect is imported): inside it, Prefect would log the
+        # error's traceback first.
+        tracking.check_tracking_available(tracking.resolve_tracking_uri(cfg))
+    except tracking.TrackingUnavailable as exc:
+        raise fail(str(exc)) from None
+    from flows.pipeline import rft_pipeline
+    from flows.server import ServerError, prefect_api
+
+    # The shutdown order is this block's: the flow ends (training stopped, runs closed), then the
+    # temporary Prefect server goes; Ctrl-C never reaches the server itself.
+    try:
+        with stop_on_signals(), prefect_api(), live_progress():
             summary = rft_pipeline(config=cfg, fresh=fresh)
     except tracking.TrackingUnavailable as exc:
         raise fail(str(exc)) from None
+    except ServerError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, resume_command(config, set_, as_json)) from None
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
         return
     print_summary(summary)
+
+
+EXIT_STOPPED = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
+
+
+def resume_command(config: Path | None, overrides: list[str] | None, as_json: bool = False) -> str:
+    """The `rft run` command line that continues this run: same config and overrides (cached stages
+    are reused, an interrupted training stage resumes from its last checkpoint)."""
+    args = ["rft", "run"]
+    if config is not None:
+        args += ["--config", str(config)]
+    for override in overrides or []:
+        args += ["--set", override]
+    if as_json:
+        args.append("--json")
+    return shlex.join(args)
+
+
+def stopped(exc: BaseException, resume: str) -> typer.Exit:
+    """Say what a stop left (the checkpoint, when training stopped at a step) and how to go on."""
+    from rft_core.lifecycle import TrainingStopped
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    what = str(exc) if isinstance(exc, TrainingStopped) else "the run was interrupted"
+    console.print(f"stopped: {what}", markup=False)
+    console.print(f"Resume with: {resume}", markup=False)
+    return typer.Exit(code=EXIT_STOPPED)
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -86,6 +142,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     if "sft" in metrics and "rl" in metrics:
         gain = 100 * (metrics["rl"]["accuracy"] - metrics["sft"]["accuracy"])
         console.print(f"RL vs warm-up SFT: {gain:+.1f} points of validation accuracy")
+    for message in summary.get("guard") or []:
+        console.print(f"RL guard: {message}", markup=False, highlight=False)
     times = Table(title="Time per stage (s)", title_justify="left")
     for name in summary["seconds"]:
         times.add_column(name, justify="right")
@@ -121,10 +179,23 @@ def train_cmd(
     if stage not in ("sft", "rl"):
         raise fail(f"stage {stage!r}: expected sft or rl")
     cfg = load_config(config, set_)
+    if out is not None:
+        # Before any training: the stage fills --out (model/, checkpoints/, best/), so no input
+        # may be it or lie inside it.
+        local = {"--init-model directory": init_model, "model directory": cfg.model.name_or_path}
+        try:
+            refuse_inputs(out, {"config file": config, "data file": cfg.data.train_path,
+                                "validation file": cfg.data.val_path, "grader file": cfg.grader.file},
+                          what="--out directory")
+            refuse_inputs(out, {k: v for k, v in local.items() if v is not None and Path(v).exists()},
+                          what="--out directory", fills_directory=True)
+        except FileProblem as exc:
+            raise fail(str(exc)) from None
     from accelerate import Accelerator
 
     from rft_core import stages
     from rft_core.data import read_items
+    from rft_core.lifecycle import stop_on_signals
     from rft_core.models import pick_device
     from rft_core.rl.trainer import run_rl
     from rft_core.sft import run_sft
@@ -132,18 +203,23 @@ def train_cmd(
 
     device = pick_device(cfg.model.device)
     accelerator: Accelerator = make_accelerator(device)
-    # Data stages and the tiny model are prepared once, by the main process; the others wait.
-    with accelerator.main_process_first():
-        data = stages.validate_stage(cfg)
-        split = stages.split_stage(cfg, data)
-        base = stages.base_model_path(cfg, split)
-    train, val = read_items(split.train_items), read_items(split.val_items)
-    if stage == "sft":
-        work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
-        result = run_sft(cfg, train, val, base, work, accelerator=accelerator)
-    else:
-        start = init_model or base
-        work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, stages.ModelRecord(stages.hash_of(start), "sft", start)))
-        result = run_rl(cfg, train, val, start, work, accelerator=accelerator)
+    try:
+        with stop_on_signals():
+            # Data stages and the tiny model are prepared once, by the main process; the others wait.
+            with accelerator.main_process_first():
+                data = stages.validate_stage(cfg)
+                split = stages.split_stage(cfg, data)
+                base = stages.base_model_path(cfg, split)
+            train, val = read_items(split.train_items), read_items(split.val_items)
+            if stage == "sft":
+                work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
+                result = run_sft(cfg, train, val, base, work, accelerator=accelerator)
+            else:
+                start = init_model or base
+                record = stages.ModelRecord(stages.hash_of(start), "sft", start)
+                work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, record))
+                result = run_rl(cfg, train, val, start, work, accelerator=accelerator)
+    except KeyboardInterrupt as exc:
+        raise stopped(exc, "the same command (it resumes from the last checkpoint)") from None
     if accelerator.is_main_process:
         typer.echo(json.dumps({"model_dir": result.model_dir, "metrics": result.metrics}, indent=1))

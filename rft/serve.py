@@ -34,7 +34,7 @@ def serve_cmd(
     """
     from flows.serve import ServeError, serve_deployments  # imports Prefect only when the command runs
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)  # lines whole, to read and grep
     try:
         serve_deployments(prefect_file, deployment, port=port, limit=limit, say=lambda line: console.print(line, markup=False))
     except ServeError as exc:

@@ -25,6 +25,7 @@ from rft_core.data.schemas import NO_NUMERIC_ANSWER
 _OPTION_FOR_SETTING = {
     "data.format": "--format FORMAT",
     "data.columns": "--config FILE with data.columns",
+    "data.csv_delimiter": "--config FILE with data.csv_delimiter",
 }
 
 
@@ -71,7 +72,8 @@ def validate_cmd(
     if numeric is None:
         numeric = grader_is_numeric(cfg)
     try:
-        report = validate_file(file, cfg.data, rejects_path=rejects, numeric=numeric, format=format)
+        report = validate_file(file, cfg.data, rejects_path=rejects, numeric=numeric, format=format,
+                               inputs={"config file": config, "grader file": cfg.grader.file})
     except DataError as exc:
         option = _OPTION_FOR_SETTING.get(getattr(exc, "setting", None) or "")
         raise fail(f"{exc} On the command line: {option}." if option else str(exc)) from None

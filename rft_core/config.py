@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 logger = logging.getLogger("rft.config")
@@ -38,7 +38,9 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan: `inf` or `nan` is never a usable setting (an infinite lr or number of epochs
+    # would run until it broke something); refused where the config is loaded.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- data
@@ -101,6 +103,9 @@ class SyntheticConfig(Section):
         return self
 
 
+_DELIMITER_NAMES = {"tab": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
+
+
 class DataConfig(Section):
     """Where the task items come from and how they are split into train and validation."""
 
@@ -114,6 +119,13 @@ class DataConfig(Section):
         "auto", description="File format; auto detects it from the extension and the fields."
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig)
+    csv_delimiter: str = Field(
+        "auto",
+        description="Field delimiter of CSV files: one character (',', ';', '|', a tab: \"\\t\" in YAML), "
+        "or tab, comma, semicolon, pipe by name, or auto: the one of , ; tab | that splits the header "
+        "into the data.columns names, else what csv.Sniffer finds in the first lines, else ',' (tab "
+        "for .tsv files).",
+    )
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of items held out for validation."
     )
@@ -133,6 +145,19 @@ class DataConfig(Section):
         True, description="Remove GSM8K calculator annotations like <<48/2=24>> from solutions."
     )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @field_validator("csv_delimiter", mode="before")
+    @classmethod
+    def _one_character(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = _DELIMITER_NAMES.get(value.lower(), value)
+        if value != "auto" and (len(value) != 1 or value in "\"\r\n"):
+            raise ValueError(
+                f"csv_delimiter must be one character other than a quote or a line break, a name "
+                f"({', '.join(_DELIMITER_NAMES)}) or auto; got {value!r}"
+            )
+        return value
 
 
 # --------------------------------------------------------------------------- model
@@ -256,6 +281,42 @@ class GRPOSection(Section):
     )
 
 
+class GuardSection(Section):
+    """The guard on an RL run (rft_core/rl/guard.py): watches validation, the KL to the warm-up model
+    and the entropy against their values at RL start, and rolls back or stops a run that is making
+    its model worse. Validation is watched only when it runs at RL start (rl.eval_interval > 0)."""
+
+    enabled: bool = Field(True, description="Watch the run (on by default).")
+    action: Literal["rollback", "stop"] = Field(
+        "rollback",
+        description="rollback: restore the best validated weights (the start model when nothing better "
+        "was validated), clear the optimizer's moments, multiply the lr by lr_factor, and go on; after "
+        "max_rollbacks, stop. stop: end training at once. Either way the stage ends with the best "
+        "validated weights, which evaluation and the registry gate then see.",
+    )
+    metrics: list[str] = Field(
+        default_factory=lambda: ["val_accuracy", "val_sampled_reward"],
+        description="Validation metrics watched (greedy accuracy, mean reward of sampled completions).",
+    )
+    margin: float = Field(
+        0.1, ge=0.0, description="How far below its value at RL start a watched metric may fall (absolute)."
+    )
+    patience: int = Field(2, ge=1, description="Validations in a row below the margin before acting.")
+    max_kl: float | None = Field(
+        1.0, gt=0.0,
+        description="KL to the warm-up model per response token (nats) above which the policy has run "
+        "away from the model it started from; None: not watched.",
+    )
+    entropy_ratio: float | None = Field(
+        5.0, gt=1.0,
+        description="The policy's entropy per token may move by this factor from its first value, up "
+        "(dissolving into noise) or down (collapsing onto one answer); None: not watched.",
+    )
+    iteration_patience: int = Field(5, ge=1, description="Iterations in a row past max_kl or entropy_ratio before acting.")
+    lr_factor: float = Field(0.5, gt=0.0, le=1.0, description="What a rollback multiplies the learning rate by.")
+    max_rollbacks: int = Field(2, ge=0, description="Rollbacks before the guard stops the run instead.")
+
+
 class RLConfig(Section):
     """Reinforcement with the grader: PPO as in ReFT, or GRPO."""
 
@@ -297,11 +358,33 @@ class RLConfig(Section):
     kl_coef: float = Field(
         0.05, ge=0.0, description="Per-token KL penalty to the warm-up model (ReFT: 0.05 N-CoT, 0.01 P-CoT)."
     )
+    kl_target: float | None = Field(
+        None, gt=0.0,
+        description="Adaptive KL (Ziegler et al. 2019; verl's AdaptiveKLController, OpenRLHF's "
+        "kl_target): after each iteration kl_coef moves by up to 20 % x samples / kl_horizon toward "
+        "holding the KL to the warm-up model at this many nats per sample; rl.kl_coef is where it "
+        "starts. None: kl_coef stays fixed.",
+    )
+    kl_horizon: int = Field(
+        10000, ge=1, description="Adaptive KL: the samples over which kl_coef may move by 20 %."
+    )
+    target_kl: float | None = Field(
+        None, gt=0.0,
+        description="Early stop of an iteration's update (Spinning Up's PPO, TRL's target_kl): once "
+        "a step's approx_kl (old policy to new, per token) exceeds 1.5 x this, the iteration's "
+        "remaining steps are skipped (rl/update_steps counts the steps taken). None: off.",
+    )
     kl_estimator: Literal["k1", "k3"] = Field(
         "k1", description="KL estimator in the reward: k1 = logp - logp_ref (ReFT), k3 (always >= 0)."
     )
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount.")
     lam: float = Field(0.95, ge=0.0, le=1.0, description="GAE lambda.")
+    critic_lam: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="GAE lambda of the critic's targets (VC-PPO's decoupled GAE): 1.0 makes them the "
+        "Monte-Carlo returns, free of the critic's own errors; the policy's advantages keep rl.lam. "
+        "None: rl.lam for both.",
+    )
     clip_range: float = Field(0.2, gt=0.0, description="PPO ratio clip.")
     vf_clip_range: float = Field(0.2, gt=0.0, description="Value prediction clip around old values.")
     vf_coef: float = Field(
@@ -347,6 +430,7 @@ class RLConfig(Section):
         False, description="End with the iterate of best validation accuracy instead of the last."
     )
     grpo: GRPOSection = Field(default_factory=GRPOSection)
+    guard: GuardSection = Field(default_factory=GuardSection)
     seed: int = Field(0, description="Seed of prompt order and sampling.")
 
     @model_validator(mode="after")
@@ -382,8 +466,18 @@ class GraderConfig(Section):
     workers: int = Field(
         0, ge=0, description="Grading processes (0: in-process, except the python grader)."
     )
-    timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one python-grader call.")
+    timeout_s: float = Field(
+        10.0, gt=0.0,
+        description="Time limit of one python-grader call, end to end: loading the grader's source "
+        "(its imports) included.",
+    )
     memory_mb: int = Field(1024, ge=64, description="Memory limit of the python-grader process.")
+    max_error_share: float = Field(
+        0.2, ge=0.0, le=1.0,
+        description="A stage fails when more than this share of the samples of one RL iteration, one "
+        "validation or one evaluation are grader errors (the grader raised, timed out, returned no "
+        "score): rewards made mostly of errors train and rank on nothing.",
+    )
     sandbox: Literal["namespaces", "none"] = Field(
         "namespaces",
         description="How python graders are isolated. namespaces: Linux user/mount/network/PID/IPC "
@@ -455,6 +549,34 @@ class RegistryConfig(Section):
         0.0, ge=0.0, description="How much the challenger must beat the champion by."
     )
     promote: bool = Field(True, description="Run the promotion gate after registering.")
+    max_grader_error_share: float = Field(
+        0.5, ge=0.0, le=1.0,
+        description="The gate never promotes a version whose validation grades were more than this "
+        "share grader errors (tag metric.eval/grader_error_share), even with no champion yet.",
+    )
+
+    @field_validator("model_name")
+    @classmethod
+    def _registrable(cls, name: str) -> str:
+        problem = registered_name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+
+def registered_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a registered model's name in MLflow and in rft's model URIs
+    (`models:/NAME@champion`), or None. MLflow refuses '/' and ':' only when registering, after
+    training; '@' would make the alias URI ambiguous."""
+    if not name.strip() or name != name.strip():
+        return f"{name!r} is empty, or has spaces at its ends"
+    bad = sorted({c for c in name if c in "/:@" or not c.isprintable()})
+    if bad:
+        fixed = "".join("-" if c in bad else c for c in name)
+        return f"{name!r} may not contain {' '.join(map(repr, bad))} (e.g. {fixed!r})"
+    if name in (".", "..") or name.endswith(".rft-lock"):
+        return f"{name!r} is reserved"
+    return None
 
 
 # --------------------------------------------------------------------------- the whole
@@ -500,13 +622,15 @@ class RFTConfig(Section):
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RFTConfig:
         """Load a YAML (or JSON) file, then apply `section.key=value` overrides."""
+        from rft_core.files import FileProblem, read_text, yaml_error
+
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
+            raw = yaml.safe_load(read_text(path, "config file")) or {}
+        except FileProblem as exc:
+            raise ConfigError(str(exc)) from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a config is a mapping of sections, got {type(raw).__name__}")
         try:
@@ -716,6 +840,8 @@ def _explain(exc: ValidationError, source: str) -> str:
             lines.append(f"{source}: {err['msg']}")
         elif err["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{dotted}'{_unknown_key_hint(loc)}")
+        elif err["type"] == "value_error":  # our validators' own words, which show the value
+            lines.append(f"{source}: {dotted or '<root>'}: {err['ctx']['error']}")
         else:
             lines.append(f"{source}: {dotted or '<root>'}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""The picture of a pipeline run: validation scores against training progress, SFT then RL.
+"""The pictures of a pipeline run: validation scores against training progress, SFT then RL
+(`plot_training`); and the RL stage's health (`plot_rl_signals`).
 
 One x axis: warm-up SFT steps, then RL iterations after them (an RL iteration is drawn one unit
 wide, like an SFT step; a dashed line marks where RL starts). Two curves, as OpenAI's RFT
@@ -96,3 +97,48 @@ def _chosen(history: History, step: int | None) -> Mapping[str, Any] | None:
     if step is None:
         return evaluated[-1]
     return next((h for h in evaluated if int(h["step"]) == int(step)), evaluated[-1])
+
+
+# The RL run's health: the signals people read for collapse and reward hacking, in one picture.
+SIGNAL_PANELS = (
+    ("reward", (("reward_mean", "training reward (rollouts)"), ("val_sampled_reward", "validation reward (sampled)"),
+                ("val_accuracy", "validation accuracy (greedy)"))),
+    ("KL to the warm-up model (nats per sample)", (("kl", None),)),
+    ("entropy (nats per token)", (("entropy", None),)),
+    ("response length (tokens)", (("response_length", None),)),
+)
+
+
+def plot_rl_signals(
+    signals: History, events: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "RL signals"
+) -> Path:
+    """Four panels over RL iterations: training reward against validation reward and accuracy (a
+    training reward that rises while validation falls is reward hacking or overfitting), the KL to
+    the warm-up model, the entropy (a collapse to one answer, or noise), the response length. The
+    guard's events are marked on every panel. Writes the PNG to `path` and returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), dpi=100, sharex=True)
+    for ax, (name, series) in zip(axes.flat, SIGNAL_PANELS, strict=True):
+        for key, label in series:
+            xs, ys = _points(signals, key, 0.0)
+            if xs:
+                ax.plot(xs, ys, marker="o" if key.startswith("val_") else None, markersize=3, linewidth=1, label=label)
+        for event in events:
+            ax.axvline(float(event["iteration"]), color="tab:red", linestyle=":", linewidth=1)
+        ax.set_title(name, loc="left", fontsize=10)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc="lower left", fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("RL iteration" + ("  (red: the guard acted)" if events else ""))
+    fig.suptitle(title, x=0.01, ha="left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -19,6 +19,7 @@ from rft_core.config import RFTConfig
 from rft_core.generation import generate, row_seeds
 from rft_core.graders import grade_batch
 from rft_core.graders.numeric import extract_answer, parse_number
+from rft_core.guards import check_grader_errors
 from rft_core.models import decode, end_of_response, prompt_token_ids
 from rft_core.progress import progress
 from rft_core.training import item_records
@@ -30,6 +31,14 @@ class EvalReport:
 
     metrics: dict[str, float]
     samples: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the first grader error messages
+
+    def check_grader_errors(self, limit: float, where: str) -> None:
+        """Fail (`guards.GraderFailing`) when more than the share `limit` of the graded samples
+        were grader errors."""
+        share = self.metrics.get("grader_error_share", 0.0)
+        graded = self.metrics.get("graded", 0.0)
+        check_grader_errors(share * graded, graded, limit, where, self.errors)
 
 
 def sample_completions(
@@ -209,10 +218,12 @@ def evaluate(
         "response_length": sum(greedy_lengths) / n,
         "items": float(len(results)),
     }
+    graded = list(results)
     if n_sampled > 0:
         texts = [[decode(tokenizer, c) for c in row[2]] for row in local]
         flat_items = [items[i] for i, row in enumerate(texts) for _ in row]
         flat = grade_batch(grader, [t for row in texts for t in row], flat_items, workers=cfg.grader.workers)
+        graded += flat
         sampled_rewards = [g.reward for g in flat if g.reward is not None]
         metrics["sampled_reward_mean"] = sum(sampled_rewards) / len(sampled_rewards) if sampled_rewards else 0.0
         metrics["grader_errors"] += sum(1 for g in flat if g.reward is None)
@@ -222,6 +233,9 @@ def evaluate(
             # MLflow metric names cannot hold "@": pass@k is logged as pass_at_k.
             metrics[f"pass_at_{k}"], metrics[f"maj_at_{k}"] = pass_at, maj_at
 
+    metrics["graded"] = float(len(graded))
+    metrics["grader_error_share"] = metrics["grader_errors"] / max(1, len(graded))
+    errors = [e for r in graded for e in r.errors][:5]
     samples = []
     for (_, row), text, result in list(zip(frame.iterrows(), greedy_texts, results, strict=True))[
         : ev.num_logged_samples
@@ -236,7 +250,7 @@ def evaluate(
                 "error": "; ".join(result.errors),
             }
         )
-    return EvalReport(metrics=metrics, samples=samples)
+    return EvalReport(metrics=metrics, samples=samples, errors=errors)
 
 
 def validation_metrics(
@@ -252,6 +266,7 @@ def validation_metrics(
     `val_sampled_reward`, the mean reward of one completion per item sampled at `eval.temperature`."""
     sampled = cfg.eval.sampled_validation
     report = evaluate(model, tokenizer, frame, grader, cfg, k=0, sampled=sampled, accelerator=accelerator)
+    report.check_grader_errors(cfg.grader.max_error_share, "validation")
     metrics = {f"val_{key}": report.metrics[key] for key in ("accuracy", "reward_mean", "grader_errors")}
     if sampled:
         metrics["val_sampled_reward"] = report.metrics["sampled_reward_mean"]

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from transformers.utils import logging as hf_logging
 
 from rft_core.config import ModelConfig
+from rft_core.integrity import reading
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -62,9 +63,10 @@ def compute_in(device: torch.device, precision: torch.dtype) -> contextlib.Abstr
 def load_tokenizer(name_or_path: str | Path, cfg: ModelConfig | None = None) -> PreTrainedTokenizerBase:
     """A tokenizer ready for batched generation: a pad token and left padding."""
     cfg = cfg or ModelConfig()
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+    with reading(name_or_path, "tokenizer") if Path(name_or_path).is_dir() else contextlib.nullcontext():
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     if tokenizer.pad_token is None:
         # Decoder-only models often ship without one; the EOS token is the usual stand-in
         # (positions are masked everywhere it is used as padding).
@@ -84,12 +86,16 @@ def load_model(
     cfg = cfg or ModelConfig()
     device = device or pick_device(cfg.device)
     dtype = dtype or pick_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(name_or_path),
-        revision=cfg.revision,
-        trust_remote_code=cfg.trust_remote_code,
-        dtype=dtype,
-    )
+    # A local directory's files are ours (a checkpoint, a stage's model): an error reading them
+    # names the directory (safetensors' own messages, e.g. "incomplete metadata", do not).
+    local = Path(name_or_path).is_dir()
+    with reading(name_or_path, "model weights") if local else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path),
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            dtype=dtype,
+        )
     if cfg.gradient_checkpointing:
         # Non-reentrant (gradients reach LoRA adapters behind frozen embeddings); transformers 5
         # names it activation checkpointing (the old name warns) and makes that the default.

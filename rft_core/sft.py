@@ -37,6 +37,9 @@ from rft_core.checkpoint import (
     save_checkpoint,
 )
 from rft_core.config import RFTConfig, SFTConfig
+from rft_core.guards import NonFiniteError, diverged
+from rft_core.integrity import reading, write_file
+from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
     add_lora,
     encode_completion,
@@ -52,11 +55,13 @@ from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    best_weights_usable,
     make_accelerator,
     save_weights,
     selection_key,
     stage_grader,
     step_positions,
+    stop_after_step,
 )
 
 logger = logging.getLogger("rft.sft")
@@ -160,6 +165,7 @@ def train_examples(
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     identity: dict[str, Any] | None = None,
     task: str = "sft",
+    lr_key: str = "sft.lr",
 ) -> tuple[torch.nn.Module, list[dict[str, float]], dict[str, Any]]:
     """The supervised loop. Returns the trained model as `processes.prepare` returned it (best
     checkpoint's weights when `settings.keep_best` and validation ran), the metric history and the
@@ -168,7 +174,8 @@ def train_examples(
     `make_model(checkpoint_model_dir or None)` builds the trainable model: from the base, or from a
     checkpoint's `model/` directory when resuming. A checkpoint left in `out_dir` by a run with
     other settings (the training fields of `settings`, the examples, `identity`: e.g. the starting
-    model) is refused. Progress is reported under the name `task`.
+    model) is refused. Progress is reported under the name `task`; a step that diverges (non-finite
+    gradients or weights) stops the loop with an error naming `lr_key`, the setting to lower.
     """
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -217,7 +224,7 @@ def train_examples(
         key = selection_key(metrics)
         if settings.keep_best and (state["best"] is None or key > tuple(state["best"])):
             state["best"], state["best_step"] = list(key), step
-            save_weights(processes, model, processes.unwrap(model), best_dir)
+            save_weights(processes, model, processes.unwrap(model), best_dir, step=step)
         processes.wait()
 
     if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
@@ -225,7 +232,7 @@ def train_examples(
     model.train()
     started = time.perf_counter()
     tokens_seen = 0
-    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar:
+    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar, deferring_stops():
         for step in range(start_step, total_steps):
             # Per-step seed: dropout and friends replay exactly after a resume.
             torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
@@ -243,8 +250,11 @@ def train_examples(
                 processes.backward(nll / target_tokens)  # the token-mean over the whole step
                 loss_total += float(nll.detach())
                 tokens_seen += int(batch["attention_mask"].sum())
-            grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
             done = step + 1
+            try:
+                grad_norm = processes.step(params, optimizer, scheduler, settings.max_grad_norm)
+            except NonFiniteError as exc:
+                raise diverged(exc, where=f"{task} step {done}", lr_key=lr_key, lr=settings.lr, checkpoints=ckpt_root) from None
             step_loss = processes.total(loss_total) / target_tokens  # a collective: every rank
             if log and processes.is_main:
                 elapsed = time.perf_counter() - started
@@ -263,7 +273,8 @@ def train_examples(
             if last:
                 run_eval(done)
             bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
-            if (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
+            stopping = stop_after_step(processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
+            if stopping or (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
                 model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
                 optimizer_state = processes.optimizer_state(model, optimizer)
                 if processes.is_main:
@@ -272,9 +283,15 @@ def train_examples(
                         optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
                     )
                 processes.wait()
+            if stopping:
+                raise TrainingStopped(task, done, total_steps, ckpt_root / f"step-{done}")
 
-    if settings.keep_best and state["best_step"] is not None and state["best_step"] != total_steps:
-        processes.load_weights(model, processes.unwrap(model), best_dir)
+    best_step = state["best_step"]
+    if settings.keep_best and best_step is not None and best_step != total_steps:
+        if best_weights_usable(best_dir, best_step):
+            processes.load_weights(model, processes.unwrap(model), best_dir)
+        else:
+            state["best"], state["best_step"] = None, None
     return model, state["history"], state
 
 
@@ -325,7 +342,8 @@ def run_sft(
             if checkpoint is not None:
                 from peft import PeftModel
 
-                return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+                with reading(checkpoint, "checkpoint adapter"):
+                    return PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
             return add_lora(model, cfg.model)
         return load_model(checkpoint or base_model, cfg.model, device=processes.device, dtype=torch.float32)
 
@@ -349,7 +367,7 @@ def run_sft(
     model_dir = out_dir / "model"
     save_weights(processes, model, processes.unwrap(model), model_dir, tokenizer=tokenizer, merge=True)
     if processes.is_main:
-        (out_dir / "result.json").write_text(json.dumps({"metrics": final, "history": history}, indent=1))
+        write_file(out_dir / "result.json", json.dumps({"metrics": final, "history": history}, indent=1))
     processes.wait()
     return StageResult(str(model_dir), final, history)
 
@@ -387,6 +405,6 @@ def train_language_model(
 
     trained, _, _ = train_examples(
         make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
-        out_dir=out_dir, processes=processes, log=log, task="pretrain",
+        out_dir=out_dir, processes=processes, log=log, task="pretrain", lr_key="model.tiny.pretrain_lr",
     )
     return trained

@@ -126,6 +126,10 @@ class DataRecord:
     reports: dict[str, dict[str, Any]]
     run_id: str | None = None
 
+    def outputs(self) -> list[str]:
+        """The files this record hands to later stages (`record_problem` checks them)."""
+        return [p for p in (self.train_items, self.val_items) if p]
+
 
 @dataclass
 class SplitRecord:
@@ -140,6 +144,9 @@ class SplitRecord:
     leakage: int
     run_id: str | None = None
 
+    def outputs(self) -> list[str]:
+        return [self.train_items, self.val_items, self.manifest]
+
 
 @dataclass
 class ModelRecord:
@@ -150,6 +157,12 @@ class ModelRecord:
     model_uri: str | None = None
     run_id: str | None = None
     seconds: float = 0.0
+    events: list[dict[str, Any]] = field(default_factory=list)  # what the RL guard did, in order
+
+    def outputs(self) -> list[str]:
+        # An absolute path is a directory rft wrote (a stage's model, the tiny model); anything
+        # else is a hub id or the user's own path, not ours to check.
+        return [self.model_dir] if Path(self.model_dir).is_absolute() else []
 
 
 @dataclass
@@ -169,6 +182,19 @@ class RegisterRecord:
 
 def to_dict(record: Any) -> dict[str, Any]:
     return asdict(record)
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a stage's record (e.g. a cached result) cannot be handed on, or None: a file or
+    directory it names is gone or damaged (`integrity.directory_problem`: a model directory against
+    its manifest; a Parquet file by its framing). Names the path."""
+    from rft_core.integrity import directory_problem, file_problem
+
+    for path in getattr(record, "outputs", list)():
+        problem = directory_problem(path) if Path(path).is_dir() else file_problem(path)
+        if problem is not None:
+            return f"{path}: {problem}"
+    return None
 
 
 # --------------------------------------------------------------------------- tracking glue
@@ -233,6 +259,7 @@ def validate_stage(cfg: RFTConfig, track: Tracking | None = None) -> DataRecord:
             (work / f"{role}.report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
             if report.rejected:
                 logger.warning("%s: %d of %d rows rejected (see %s)", path, report.rejected, report.rows, report.rejects_path)
+        _check_solutions(cfg, frames["train"], train_path)
         write_items(frames["train"], work / "train.parquet")
         if "validation" in frames:
             write_items(frames["validation"], work / "validation.parquet")
@@ -262,6 +289,29 @@ def validate_stage(cfg: RFTConfig, track: Tracking | None = None) -> DataRecord:
     return record
 
 
+def _check_solutions(cfg: RFTConfig, train: Any, path: str | Path) -> None:
+    """Warm-up SFT trains on worked solutions: refuse, before any training, data that has none."""
+    from rft_core.data import DataError
+
+    if cfg.sft.enabled and ("solution" not in train or not train["solution"].notna().any()):
+        raise DataError(
+            f"{path}: no item has a worked solution, which warm-up SFT trains on; add one to some items "
+            "(OpenAI format: an assistant message after the user's; CSV/Parquet: data.columns.solution), "
+            "or set sft.enabled=false to run RL alone from the base model"
+        )
+
+
+def _check_rl_batch(cfg: RFTConfig, n_train: int) -> None:
+    """An RL iteration samples `rl.prompts_per_iteration` distinct training items at most."""
+    from rft_core.data import DataError
+
+    if cfg.rl.enabled and cfg.rl.prompts_per_iteration > n_train:
+        raise DataError(
+            f"rl.prompts_per_iteration ({cfg.rl.prompts_per_iteration}) is more than the {n_train} training "
+            f"items: set it to at most {n_train} (each iteration samples that many distinct items)"
+        )
+
+
 def split_stage(cfg: RFTConfig, data: DataRecord, track: Tracking | None = None) -> SplitRecord:
     """Split into train and validation (or take the validation file), save the manifest."""
     from rft_core.data import frame_digest, read_items, split_items, write_items
@@ -273,6 +323,7 @@ def split_stage(cfg: RFTConfig, data: DataRecord, track: Tracking | None = None)
         frame = read_items(data.train_items)
         val_frame = read_items(data.val_items) if data.val_items else None
         result = split_items(frame, cfg.data, val_frame)
+        _check_rl_batch(cfg, len(result.train))
         write_items(result.train, work / "train.parquet")
         write_items(result.val, work / "validation.parquet")
         result.manifest.save(work / "manifest.json")
@@ -357,17 +408,43 @@ def rl_stage(cfg: RFTConfig, split: SplitRecord, sft: ModelRecord, track: Tracki
     key = rl_key(cfg, sft)
     work = stage_dir(cfg, "rl", key)
     started = time.perf_counter()
+    _check_rl_batch(cfg, split.n_train)  # also here: a cached split did not see this rl section
     with track.stage("rl", {"rl": cfg.rl.model_dump(mode="json"), "grader": cfg.grader.resolved_spec()}) as run_id:
         train, val = read_items(split.train_items), read_items(split.val_items)
         samples = tracking.table_logger(run_id, ROLLOUT_SAMPLES, tracking_uri=track.tracking_uri) if run_id else None
         result = run_rl(cfg, train, val, sft.model_dir, work, log=track.logger(run_id, "rl"), log_samples=samples)
-        record = ModelRecord(key, "rl", result.model_dir, result.metrics, run_id=run_id)
+        record = ModelRecord(key, "rl", result.model_dir, result.metrics, run_id=run_id, events=result.events)
+        signals = _plot_rl_signals(cfg, work)
+        if run_id:
+            tracking.log_artifact(run_id, signals, tracking_uri=track.tracking_uri)
+            if result.events:  # the guard acted: say so where people look, on the stage and the pipeline run
+                said = {tags.TAG_GUARD: guard_summary(result.events)}
+                tracking.set_tags(run_id, said, tracking_uri=track.tracking_uri)
+                tracking.set_tags(track.parent_run_id, said, tracking_uri=track.tracking_uri)
         if run_id and cfg.tracking.log_models:
             record.model_uri = tracking.log_model(
                 run_id, result.model_dir, serving=tracking.serving_settings(cfg), tracking_uri=track.tracking_uri
             )
         record.seconds = time.perf_counter() - started
     return record
+
+
+RL_SIGNALS = "rl_signals.png"
+
+
+def _plot_rl_signals(cfg: RFTConfig, work: Path) -> Path:
+    """The RL run's health in one picture (`rl_signals.png` in the stage directory and on the rl
+    run): training reward against validation, KL to the warm-up model, entropy, response length."""
+    from rft_core.curves import plot_rl_signals
+
+    result = json.loads((work / "result.json").read_text())
+    return plot_rl_signals(result.get("signals", []), result.get("guard", []), work / RL_SIGNALS,
+                           title=f"RL signals ({cfg.experiment}, {cfg.rl.algorithm.upper()})")
+
+
+def guard_summary(events: list[dict[str, Any]]) -> str:
+    """The guard's events as one line each (MLflow tag, Prefect artifact, the CLI's summary)."""
+    return "\n".join(event["message"] for event in events)
 
 
 def evaluate_model_dir(
@@ -433,6 +510,7 @@ def evaluate_stage(
         try:
             for name, record in models.items():
                 report = evaluate_model_dir(cfg, record.model_dir, val, grader, progress_task=f"evaluate {name}")
+                report.check_grader_errors(cfg.grader.max_error_share, f"evaluation of the {name} model")
                 results[name] = report.metrics
                 (work / f"samples_{name}.json").write_text(json.dumps(report.samples, indent=1))
                 if run_id:
@@ -459,7 +537,14 @@ def register_stage(
     """Register the trained model as a new version (alias `challenger`), tagged with its metrics."""
     if track.parent_run_id is None or final.model_uri is None:
         raise ValueError("registering needs MLflow tracking and a logged model (tracking.log_models)")
+    from rft_core.guards import weights_finite
+
     metrics = {f"eval/{k}": v for k, v in evaluation.metrics[final.stage].items()}
+    # What the gate checks whatever the champion (tracking.gate.Health): the figures of the model
+    # training started from (the warm-up model, on the same data) and whether every weight is finite.
+    health = {tags.TAG_WEIGHTS_FINITE: str(weights_finite(final.model_dir)).lower()}
+    if final.stage == "rl" and "sft" in evaluation.metrics:
+        health |= {f"{tags.START_METRIC_TAG_PREFIX}eval/{k}": repr(float(v)) for k, v in evaluation.metrics["sft"].items()}
     description = tracking.version_description(
         cfg, data_digest=split.val_digest, metrics=evaluation.metrics, split_digest=split.digest,
         run_id=track.parent_run_id,
@@ -472,6 +557,7 @@ def register_stage(
         data_digest=split.val_digest,
         config_digest=cfg.digest(),
         description=description,
+        tags=health,
         tracking_uri=track.tracking_uri,
     )
     return RegisterRecord(cfg.registry.model_name, version, f"models:/{cfg.registry.model_name}/{version}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,6 +21,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rft_core.config import RFTConfig, SFTConfig, TinyModelConfig
+from rft_core.integrity import directory_problem, publish
+
+logger = logging.getLogger("rft.tiny")
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 PRETRAIN_BLOCK = 128  # tokens per packed pretraining sequence
@@ -104,7 +108,10 @@ def prepare_tiny_model(
     tiny = cfg.model.tiny
     target = Path(cache_dir) / f"tiny-{tiny_digest(cfg, task_texts)}"
     if (target / "config.json").exists():
-        return target
+        problem = directory_problem(target)
+        if problem is None:
+            return target
+        logger.warning("the cached tiny model %s is damaged (%s): building it again", target, problem)
     documents: list[str] = []
     if tiny.pretrain_steps > 0:
         # Enough documents to fill every packed block of the pretraining once (~25 tokens each).
@@ -135,6 +142,4 @@ def prepare_tiny_model(
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
     shutil.rmtree(staging / "run", ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
+    return publish(staging, target)  # whole or not at all, flushed, with its manifest

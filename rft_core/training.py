@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +22,9 @@ import torch
 from accelerate import Accelerator
 
 from rft_core.config import RFTConfig
+from rft_core.guards import NonFiniteError, all_finite
+from rft_core.integrity import directory_problem, manifest_meta, reading, writing_directory
+from rft_core.lifecycle import stop_requested
 from rft_core.models import compute_in
 
 LogFn = Callable[[dict[str, float], int], None]
@@ -39,6 +41,7 @@ class StageResult:
     model_dir: str
     metrics: dict[str, float]
     history: list[dict[str, float]]
+    events: list[dict[str, Any]] = field(default_factory=list)  # what the RL guard did (rl/guard.py)
 
 
 def make_accelerator(device: torch.device) -> Accelerator:
@@ -252,7 +255,8 @@ class Processes:
 
         state = {}
         for f in sorted(Path(directory).glob("*.safetensors")):
-            state.update({prefix + k: v for k, v in load_file(str(f)).items()})
+            with reading(f, "saved weights"):
+                state.update({prefix + k: v for k, v in load_file(str(f)).items()})
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     # ------------------------------------------------------------------ the optimizer
@@ -311,12 +315,20 @@ class Processes:
         max_grad_norm: float,
     ) -> float:
         """Clip the gradients' norm, step the optimizer and the schedule, clear the gradients.
-        Returns the norm before clipping."""
+        Returns the norm before clipping.
+
+        Raises `NonFiniteError` on a non-finite gradient norm (before stepping: the weights stay as
+        they were; with float16's gradient scaler, an overflow is its business, not an error) and
+        on non-finite weights after the step. Every process agrees on it (one all-reduce), so
+        none is left waiting in a collective."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
+        if self.scaler is None and not self._everywhere(bool(torch.isfinite(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"non-finite gradient norm ({float(grad_norm)}); the step was not applied")
         if self.scaler is not None:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -324,7 +336,16 @@ class Processes:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if not self._everywhere(all_finite(params)):
+            lr = optimizer.param_groups[0]["lr"]
+            raise NonFiniteError(f"non-finite weights after an optimizer step at lr {lr:g} (gradient norm {float(grad_norm):g})")
         return float(grad_norm)
+
+    def _everywhere(self, ok: bool) -> bool:
+        """Whether `ok` holds on every process (a collective: every process calls it)."""
+        if self.world == 1:
+            return ok
+        return self.total(0.0 if ok else 1.0) == 0
 
     # ------------------------------------------------------------------ statistics
 
@@ -377,6 +398,14 @@ def training_mode(model: torch.nn.Module) -> Iterator[None]:
         model.eval()
 
 
+def stop_after_step(processes: Processes) -> bool:
+    """Whether training stops after the current step: a stop was requested (Ctrl-C, SIGTERM; see
+    `rft_core.lifecycle`) on any process. Every process calls it at every step, so they agree on
+    the step (a collective with several processes)."""
+    requested = stop_requested() is not None
+    return requested if processes.world == 1 else processes.total(float(requested)) > 0
+
+
 def step_positions(step: int, global_batch: int, n: int, seed: int) -> list[int]:
     """Item indices of optimizer step (or RL iteration) `step`: a seeded permutation per epoch,
     concatenated. A function of (seed, step) only, so a resumed run continues the same order."""
@@ -419,27 +448,48 @@ def save_weights(
     prefix: str = "",
     tokenizer: Any = None,
     merge: bool = False,
+    step: int | None = None,
 ) -> None:
     """Replace `directory` with `module`'s weights in `save_pretrained` form (the adapter alone for a
     LoRA model, unless `merge` folds it into a full model), plus the tokenizer when given.
+
+    Written whole or not at all (`integrity.writing_directory`: staged, hashed, flushed, renamed),
+    so a crash leaves the previous contents, never a mix; `step` (the training step the weights
+    are from) is kept in its manifest, for `best_weights_usable`.
 
     `module` is the sub-module at `prefix` of `model` (as `Processes.prepare` returned it). Every
     process calls this (with FSDP the weights are gathered first); the main process writes."""
     state = sub_state(processes.full_state_dict(model), prefix)
     if processes.is_main:
-        shutil.rmtree(directory, ignore_errors=True)
-        Path(directory).mkdir(parents=True)
-        if merge:
-            from rft_core.models import merge_lora
+        with writing_directory(directory, None if step is None else {"step": step}) as staging:
+            if merge:
+                from rft_core.models import merge_lora
 
-            merged = merge_lora(module)
-            # A merged LoRA model is never sharded (`shard` refuses frozen weights): it is complete here.
-            state = state if merged is module else None
-            module = merged
-        module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(directory))
+                merged = merge_lora(module)
+                # A merged LoRA model is never sharded (`shard` refuses frozen weights): it is complete here.
+                state = state if merged is module else None
+                module = merged
+            module.save_pretrained(str(staging), state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
     processes.wait()
+
+
+def best_weights_usable(directory: Path, step: int) -> bool:
+    """Whether `directory` holds whole weights of training step `step` (the best validation so
+    far). When not (damaged, missing, or of another step: a crash came between saving a newer best
+    and the checkpoint that records it), say so: the caller keeps the weights it has."""
+    problem = directory_problem(directory)
+    saved = manifest_meta(directory).get("step") if problem is None else None
+    if problem is None and saved is not None and saved != step:
+        problem = f"it holds the weights of step {saved}"
+    if problem is None:
+        return True
+    logger.warning(
+        "the best weights in %s cannot be used (%s): keeping the last step's weights instead of step %s's",
+        directory, problem, step,
+    )
+    return False
 
 
 def load_best_weights(model: torch.nn.Module, directory: Path) -> torch.nn.Module:
@@ -448,16 +498,21 @@ def load_best_weights(model: torch.nn.Module, directory: Path) -> torch.nn.Modul
     from safetensors.torch import load_file
 
     if isinstance(model, PeftModel):
-        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        adapter = directory / "adapter_model.safetensors"
+        with reading(adapter, "saved adapter weights"):
+            set_peft_model_state_dict(model, load_file(str(adapter)))
         return model
     files = sorted(directory.glob("*.safetensors"))
     state = {}
     for f in files:
-        state.update(load_file(str(f)))
+        with reading(f, "saved weights"):
+            state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"best checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"the weights in {directory} do not match the model: missing {missing}, unexpected {unexpected}"
+        )
     return model
 
 

@@ -5,8 +5,10 @@ never models. Each result is persisted and cached on the stage's key (config sec
 digests of its inputs + code version), so rerunning a config, or retrying a failed flow run,
 reuses every completed stage and runs only what failed and what follows.
 
-Retries: where a retry can help (reading data, MLflow and registry calls), not on training, where a
-failure is deterministic (a rerun resumes from the checkpoint instead).
+Retries: where a retry can help (reading data, MLflow and registry calls), and there only for
+failures that may pass by themselves (`rft_core.retries.transient`: a connection refused, a timeout,
+a locked database); a missing file or an invalid name fails at once. Training is not retried: its
+failures are deterministic (a rerun resumes from the checkpoint instead).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prefect.context import TaskRunContext
 
 from rft_core import stages
 from rft_core.config import RFTConfig
+from rft_core.retries import transient
 
 
 class InjectedFault(RuntimeError):
@@ -40,11 +43,21 @@ def _key(fn):
     return cache_key
 
 
+def transient_failure(_task: Any, _task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition: retry a failed stage only when its error may pass by itself."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # no exception to look at: nothing says a retry would help
+        return False
+    return isinstance(exc, BaseException) and transient(exc)
+
+
 def _track(parent_run_id: str | None, tracking_uri: str | None) -> stages.Tracking:
     return stages.Tracking(parent_run_id, tracking_uri)
 
 
-@task(name="validate", retries=2, retry_delay_seconds=5, persist_result=True,
+@task(name="validate", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_failure,
+      persist_result=True,
       cache_key_fn=_key(lambda p: "validate-" + stages.validate_key(p["config"])))
 def validate_data(config: RFTConfig, parent_run_id: str | None = None, tracking_uri: str | None = None) -> stages.DataRecord:
     """Validate the data files; rejects go to a file beside the report."""
@@ -52,7 +65,8 @@ def validate_data(config: RFTConfig, parent_run_id: str | None = None, tracking_
     return stages.validate_stage(config, _track(parent_run_id, tracking_uri))
 
 
-@task(name="split", retries=2, retry_delay_seconds=5, persist_result=True,
+@task(name="split", retries=2, retry_delay_seconds=5, retry_condition_fn=transient_failure,
+      persist_result=True,
       cache_key_fn=_key(lambda p: "split-" + stages.split_key(p["config"], p["data"])))
 def split_data(
     config: RFTConfig, data: stages.DataRecord, parent_run_id: str | None = None, tracking_uri: str | None = None
@@ -100,7 +114,8 @@ def evaluate_models(
     return stages.evaluate_stage(config, split, models, _track(parent_run_id, tracking_uri))
 
 
-@task(name="register", retries=3, retry_delay_seconds=10, persist_result=True,
+@task(name="register", retries=3, retry_delay_seconds=10, retry_condition_fn=transient_failure,
+      persist_result=True,
       cache_key_fn=_key(lambda p: "register-" + stages.register_key(p["config"], p["evaluation"], p["tracking_uri"])))
 def register_model(
     config: RFTConfig,
@@ -115,7 +130,7 @@ def register_model(
     return stages.register_stage(config, split, final, evaluation, _track(parent_run_id, tracking_uri))
 
 
-@task(name="promote", retries=3, retry_delay_seconds=10)
+@task(name="promote", retries=3, retry_delay_seconds=10, retry_condition_fn=transient_failure)
 def promote(
     config: RFTConfig,
     split: stages.SplitRecord,

@@ -251,6 +251,74 @@ def test_csv_without_the_configured_columns_is_fatal_and_says_how_to_fix_it(tmp_
         load_items(path, DataConfig(columns=ColumnsConfig(id="uid", prompt="q", reference="a")))
 
 
+# Cells that hold the other delimiters, a quoted line break and a quoted delimiter: a wrong guess
+# would split them into other columns.
+CSV_ROWS = [
+    {"id": "a1", "prompt": "What is 1,5 + 1; in words?", "reference": "2,5", "solution": "1,5 + 1 = 2,5"},
+    {"id": "a2", "prompt": "Pick one: a|b\tor c", "reference": "b", "solution": ""},
+    {"id": "a3", "prompt": "Two lines,\nthen; the question?", "reference": "7", "solution": "3 + 4 = 7"},
+]
+
+
+def csv_text(delimiter: str, header: tuple[str, ...] = ("id", "prompt", "reference", "solution")) -> str:
+    import csv
+    import io
+
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, delimiter=delimiter, lineterminator="\r\n")
+    writer.writerow(header)
+    writer.writerows([[row[key] for key in ("id", "prompt", "reference", "solution")] for row in CSV_ROWS])
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("setting", ["auto", "given", "by name"])
+@pytest.mark.parametrize(("delimiter", "name"), [(",", "comma"), (";", "semicolon"), ("\t", "tab"), ("|", "pipe")])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".txt"])
+def test_csv_delimiter_auto_given_or_named_reads_every_cell(tmp_path, delimiter, name, setting, suffix):
+    path = tmp_path / f"items{suffix}"
+    path.write_text(csv_text(delimiter), encoding="utf-8", newline="")
+    value = {"auto": "auto", "given": delimiter, "by name": name}[setting]
+    cfg = DataConfig(csv_delimiter=value, columns=ColumnsConfig(id="id"))
+    result = load_items(path, cfg, format="csv" if suffix == ".txt" else None)
+    assert (result.format, result.rows, result.valid) == ("csv", 3, 3), [str(p) for p in result.problems]
+    frame = result.frame
+    assert frame["prompt"].tolist() == [row["prompt"] for row in CSV_ROWS]
+    assert frame["reference"].tolist() == ["2,5", "b", "7"]
+    assert frame["solution"].tolist() == ["1,5 + 1 = 2,5", None, "3 + 4 = 7"]
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t", "|"])
+def test_csv_delimiter_is_sniffed_when_the_header_has_other_names(tmp_path, delimiter):
+    """GSM8K columns (question/answer), not data.columns: the header does not decide, csv.Sniffer does."""
+    path = tmp_path / "gsm.csv"
+    rows = [("q1; with, words", "so 2.\n#### 2"), ("q2", "#### 3"), ("q3|x", "#### 4")]
+    lines = ["question" + delimiter + "answer"] + [f'"{q}"{delimiter}"{a}"' for q, a in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = load_items(path)
+    assert (result.format, result.valid) == ("gsm8k", 3)
+    assert result.frame["reference"].tolist() == ["2", "3", "4"]
+
+
+def test_a_forced_delimiter_that_does_not_split_the_header_says_which_one_does(tmp_path):
+    path = tmp_path / "semi.csv"
+    path.write_text(csv_text(";"), encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        load_items(path, DataConfig(csv_delimiter=","))
+    assert err.value.setting == "data.csv_delimiter"
+    assert "looks ';'-separated: set data.csv_delimiter to ';'" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["", ";;", '"', "\n", "\r", "semicolons", 3])
+def test_csv_delimiter_setting_is_one_character_a_name_or_auto(bad):
+    from rft_core.config import ConfigError, RFTConfig
+
+    with pytest.raises(ConfigError, match="data.csv_delimiter"):
+        RFTConfig.load(None, [f"data.csv_delimiter={json.dumps(bad)}"])
+    assert RFTConfig.load(None, ["data.csv_delimiter=TAB"]).data.csv_delimiter == "\t"
+    assert RFTConfig.load(None, ['data.csv_delimiter="\\t"']).data.csv_delimiter == "\t"
+    assert RFTConfig.load(None, ["data.csv_delimiter=;"]).data.csv_delimiter == ";"
+
+
 def test_parquet_and_csv_with_gsm8k_columns_are_read_as_gsm8k(tmp_path):
     # How Hugging Face ships openai/gsm8k: a Parquet file with question/answer columns.
     parquet = tmp_path / "train-00000-of-00001.parquet"

@@ -159,6 +159,81 @@ def test_counts_add_up_on_a_mix_of_everything(tmp_path):
     ]
 
 
+# --------------------------------------------------------------------------- invisible text
+
+INVISIBLE = {
+    "zero-width space": "\u200b",
+    "zero-width joiners": "\u200c\u200d",
+    "word joiner and BOM": "\u2060\ufeff",
+    "bidi marks and spaces": " \u200e\u200f\u202a\u2066 ",
+    "soft hyphen, no-break space": "\u00ad\u00a0",
+    "Hangul fillers": "\u3164\u115f\uffa0",
+    "variation selectors": "\ufe0f\U000e0100",
+    "tag characters": "\U000e0041\U000e007f",
+    "line and paragraph separators": "\u2028\u2029\u0085",
+    "control characters": "\x07\x1b",
+}
+
+
+def rows_with(text: str) -> dict[str, tuple[str, bytes, str]]:
+    """Per field and format: (file name, content whose row 1 has `text` in that field, field reported)."""
+    q, a = "Ann has 2 pens. How many?", "So 2.\n#### 2"
+    user = lambda content: [{"role": "user", "content": content}]  # noqa: E731
+    return {
+        "gsm8k question": ("g.jsonl", jsonl_bytes({"question": text, "answer": a}, good(3)), "question"),
+        "gsm8k answer": ("g.jsonl", jsonl_bytes({"question": q, "answer": text}, good(3)), "answer"),
+        "openai message": ("o.jsonl", jsonl_bytes({"messages": user(text), "reference": "2"},
+                                                  {"messages": user(q), "reference": "2"}), "messages"),
+        "openai content parts": ("o.jsonl", jsonl_bytes({"messages": user([{"type": "text", "text": text}]),
+                                                         "reference": "2"},
+                                                        {"messages": user(q), "reference": "2"}), "messages"),
+        "openai reference": ("o.jsonl", jsonl_bytes({"messages": user(q), "reference": text},
+                                                    {"messages": user("Bo has 3?"), "reference": "3"}), "reference"),
+        "openai id": ("o.jsonl", jsonl_bytes({"id": text, "messages": user(q), "reference": "2"},
+                                             {"id": "b", "messages": user("Bo has 3?"), "reference": "3"}), "id"),
+        "reft question": ("r.json", json.dumps([{"item_id": "a", "question": text, "answer_cot": "x",
+                                                 "answer_value": 2},
+                                                {"item_id": "b", "question": q, "answer_cot": "x",
+                                                 "answer_value": 2}]).encode(), "question"),
+        "csv prompt": ("c.csv", f"prompt,reference\n\"{text}\",2\n{q},2\n".encode(), "prompt"),
+    }
+
+
+@pytest.mark.parametrize("field", list(rows_with("x")))
+@pytest.mark.parametrize("invisible", list(INVISIBLE))
+def test_text_of_only_invisible_characters_is_empty_named_by_file_row_and_field(tmp_path, invisible, field):
+    text = INVISIBLE[invisible]
+    if field.startswith("csv") and any(c in text for c in "\u2028\u2029\u0085\r\n"):
+        text = text.replace("\u2028", "").replace("\u2029", "").replace("\u0085", "") or "\u200b"
+    name, content, reported = rows_with(text)[field]
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = load_items(path, numeric=False)
+    assert (result.rows, result.valid, result.rejected) == (2, 1, 1), [str(p) for p in result.problems]
+    [problem] = result.problems
+    assert (problem.file, problem.field) == (str(path), reported)
+    assert problem.line == (2 if name.endswith(".csv") else 1) and "empty" in problem.reason
+    if text.strip():
+        assert "only invisible characters (U+" in problem.reason
+
+
+def test_visible_text_with_invisible_characters_in_it_is_kept_and_an_invisible_solution_is_none(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(jsonl_bytes({"question": "Ann\u200b has 2 pens?", "answer": "#### 2"},
+                                 {"question": "Bo has 3 pens?", "answer": "\u200b\u2060\n#### 3"}))
+    frame = load_items(path).frame
+    assert list(frame["prompt"]) == ["Ann\u200b has 2 pens?", "Bo has 3 pens?"]
+    assert list(frame["solution"]) == [None, None]  # an invisible worked solution is no solution
+
+
+def test_the_item_frame_contract_refuses_an_invisible_prompt():
+    from rft_core.data import canonical_frame, validate_items
+
+    frame = canonical_frame([{"id": "a", "prompt": "\u200b\ufeff", "reference": "1"}])
+    with pytest.raises(DataError, match="prompt: is empty"):
+        validate_items(frame)
+
+
 # --------------------------------------------------------------------------- fatal errors
 
 

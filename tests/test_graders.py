@@ -338,6 +338,137 @@ def test_formula_names():
     assert names_in(parse_formula("0.5 * acc + min(fmt, 1) - exp(-len_penalty)")) == {"acc", "fmt", "len_penalty"}
 
 
+# ----------------------------------------------------------------------------- limits of specs
+
+
+DEEP = 5000  # deeper than Python's recursion limit: these were RecursionError tracebacks
+
+
+@pytest.mark.parametrize(
+    ("formula", "limit"),
+    [
+        ("(" * DEEP + "a" + ")" * DEEP, "limit of 10000 characters"),
+        ("(" * 4000 + "a" + ")" * 4000, "limit of 64 levels"),
+        ("-" * DEEP + "a", "limit of 64 levels"),
+        ("a" + "^a" * 4000, "limit of 64 levels"),
+        ("a" + "+a" * 4000, "limit of 64 levels"),
+        ("a" + "*a" * 4000, "limit of 64 levels"),
+        ("abs(" * 1500 + "a" + ")" * 1500, "limit of 64 levels"),
+        ("max(a" + ", a" * 4000 + ")", "limit of 10000 characters"),
+        (" " * 20_000 + "a", "limit of 10000 characters"),
+    ],
+    ids=["parens", "parens-short", "unary", "power", "sum", "product", "calls", "long", "spaces"],
+)
+def test_formulas_over_the_limits_are_formula_errors_before_any_recursion(formula, limit):
+    with pytest.raises(FormulaError, match=limit) as raised:
+        parse_formula(formula)
+    assert raised.value.openai_error == "formula_parse_error"
+    assert len(str(raised.value)) < 300 and "\n" not in str(raised.value)  # one line, the formula shortened
+    problems = validate_grader_spec(multi_spec(formula))
+    assert len(problems) == 1 and limit in problems[0] and problems[0].startswith("multi 'mix': formula ")
+    with pytest.raises(GraderSpecError, match=limit):
+        build_grader(multi_spec(formula))
+
+
+def test_formulas_within_the_limits_parse_and_evaluate():
+    values = {"a": 0.5}
+    assert evaluate(parse_formula("(" * 63 + "a" + ")" * 63), values) == 0.5
+    assert evaluate(parse_formula("a" + "*1" * 63), values) == 0.5  # 64 levels: the limit itself
+    assert evaluate(parse_formula("-" * 62 + "a"), values) == 0.5
+    assert evaluate(parse_formula("max(a" + ", 0" * 2000 + ")"), values) == 0.5  # many arguments, one level
+
+
+def _nested_multi(levels: int) -> dict:
+    spec: dict = {"type": "numeric_match"}
+    for _ in range(levels):  # built without recursion, as a JSON file would hold it
+        spec = {"type": "multi", "graders": {"inner": spec}, "calculate_output": "inner"}
+    return spec
+
+
+def test_multi_graders_nested_too_deeply_are_one_problem_not_a_recursion_error():
+    for levels in (16, 100, DEEP):
+        problems = validate_grader_spec(_nested_multi(levels))
+        assert problems == ["the grader spec nests deeper than the limit of 32 levels "
+                            "(a multi grader inside a multi grader adds two)"]
+        with pytest.raises(GraderSpecError, match="nests deeper than the limit of 32 levels"):
+            build_grader(_nested_multi(levels))
+    with build_grader(_nested_multi(15)) as grader:  # within the limit: it grades
+        assert grader.grade("#### 18", {"reference": "18"}).reward == 1.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ({**string_check("eq"), "input": "{{ sample.output_text }}" + "x" * 200_000}, "over the limit of 100000"),
+        ({**string_check("eq"), "extra": [[1] * 1000] * 200}, "more than 100000 values"),
+        ({**string_check("eq"), "extra": ["x" * 100_000] * 30}, "more than 2000000 characters"),
+        ({"type": "python", "source": "def grade(s, i):\n    return 1\n" + "#" * 300_000}, "over the limit of 262144"),
+        ({"type": "python", "source": "x = " + "-" * 100_000 + "1\ndef grade(s, i):\n    return 1\n"},
+         "nested too deeply for Python's parser"),
+        ({"type": "python", "source": "x = a" + "+a" * 100_000 + "\ndef grade(s, i):\n    return 1\n"},
+         "nested too deeply for Python's parser"),
+    ],
+    ids=["template", "values", "text", "source-size", "source-unary", "source-sum"],
+)
+def test_specs_too_large_are_one_line_problems(spec, problem):
+    problems = validate_grader_spec(spec)
+    assert any(problem in p for p in problems), problems
+    assert all(len(p) < 300 and "\n" not in p for p in problems)
+
+
+def test_problems_quote_huge_values_shortened():
+    problems = validate_grader_spec({**string_check("x" * 1_000_000), "name": "n" * 100_000, "refrence": [[[[[1]]]]]})
+    assert len(problems) == 2 and all(len(p) < 300 for p in problems), problems
+    assert all(p.startswith("string_check 'nnnn") for p in problems)
+    assert any("operation 'xxxxx" in p for p in problems) and any("unknown field 'refrence'" in p for p in problems)
+
+
+def test_placeholders_are_found_in_linear_time():
+    # `{{` and thousands of spaces without `}}` took seconds (cubic backtracking) before.
+    template = "{{" + " " * 90_000 + "x" + "{{ item.a }}"
+    assert validate_grader_spec({**string_check("eq"), "input": template}) == []
+    from rft_core.graders.templates import render
+
+    assert render(template, {"item": {"a": "A"}, "sample": {}}).endswith("xA")
+
+
+def test_a_yaml_file_whose_aliases_repeat_exponentially_is_refused(tmp_path):
+    lines = ["type: string_check", "operation: eq", "input: a", "reference: b", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 10)}]" for k in range(1, 9)]  # 10^9 values when walked
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert validate_grader_spec(load_grader_spec(path)) == [
+        "the grader spec holds more than 100000 values; a grader spec is small"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_spec_files_nested_past_the_parsers_are_refused_with_the_file_named(tmp_path, suffix):
+    path = tmp_path / f"deep{suffix}"
+    path.write_text('{"type": "multi", "graders": ' * DEEP + "{}" + "}" * DEEP)
+    with pytest.raises(GraderSpecError, match=r"deep\.(json|yaml): nested too deeply to read"):
+        load_grader_spec(path)
+
+
+def test_spec_files_that_are_not_regular_files_or_too_large_are_refused(tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # nobody writes to it: reading would wait for ever
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(GraderSpecError, match="not a regular file"):
+            load_grader_spec(path)
+    with pytest.raises(GraderSpecError, match="is a directory, not a grader file"):
+        load_grader_spec(tmp_path)
+    big = tmp_path / "big.yaml"
+    big.write_text("type: rank\n" + "#" * (5 * 1024 * 1024) + "\n")
+    with pytest.raises(GraderSpecError, match="larger than the 4.0 MiB a grader file may have"):
+        load_grader_spec(big)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"type: rank\nname: caf\xe9\n")
+    with pytest.raises(GraderSpecError, match="not UTF-8"):
+        load_grader_spec(latin)
+
+
 # ----------------------------------------------------------------------------- multi
 
 
@@ -587,7 +718,7 @@ def test_grade_never_raises_on_bad_item_type():
 
 @pytest.mark.parametrize(
     "module",
-    ["__init__", "base", "templates", "string_check", "similarity", "numeric", "rank", "multi",
+    ["__init__", "base", "templates", "string_check", "similarity", "numeric", "math_reader", "rank", "multi",
      "python_grader", "model_graders", "batch"],
 )
 def test_docstring_examples_hold(module):

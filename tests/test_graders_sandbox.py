@@ -13,10 +13,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -569,6 +571,94 @@ def test_a_worker_that_floods_its_channel_is_replaced(make_grader):
 def test_print_does_not_break_the_protocol(make_grader):
     grader = make_grader("def grade(sample, item):\n    print('{\"ok\": true, \"value\": 1.0}')\n    return 0.5\n")
     assert grader.grade("x", {}).reward == 0.5
+
+
+# Module-level code that never finishes: a sleep (a slow import) and a busy loop (a stuck one).
+SLOW_IMPORTS = {
+    "sleep": "import time\ntime.sleep(1000)\n",
+    "loop": "while True:\n    pass\n",
+}
+
+
+def _sandbox_mode(request, sandbox: str) -> str:
+    if sandbox == "namespaces":
+        request.getfixturevalue("isolation")
+    return sandbox
+
+
+@pytest.mark.parametrize("sandbox", ["namespaces", "none"])
+@pytest.mark.parametrize("slow", sorted(SLOW_IMPORTS))
+def test_a_source_that_does_not_load_within_the_time_limit_is_a_spec_error_at_build(request, sandbox, slow):
+    source = SLOW_IMPORTS[slow] + "def grade(sample, item):\n    return 1.0\n"
+    started = time.monotonic()
+    with pytest.raises(GraderSpecError) as raised:
+        PythonGrader(python_spec(source), timeout_s=1.0, sandbox=_sandbox_mode(request, sandbox))
+    elapsed = time.monotonic() - started
+    assert str(raised.value) == (
+        "python 'py': the grader source did not load within the 1 s time limit (grader.timeout_s, --timeout-s): "
+        "its module-level code (imports, set-up) counts against it; make that faster or raise the limit"
+    )
+    assert elapsed < 20.0  # far from the 1000 s it would sleep: the load was cut at its time limit
+    assert _sandbox_children() == []  # the stuck worker was killed, not left behind
+
+
+@pytest.fixture
+def shared_marker():
+    """A path both this process and a sandboxed grader can see (the sandbox's /tmp is private):
+    a grader that checks it at import loads fast until the test creates it."""
+    base = Path("/var/tmp")
+    if not (base.is_dir() and os.access(base, os.W_OK)):
+        pytest.skip("needs a writable /var/tmp, which the sandbox sees read-only")
+    folder = Path(tempfile.mkdtemp(prefix="rft-grader-test-", dir=base))
+    folder.chmod(0o755)
+    yield folder / "slow"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sandbox", ["namespaces", "none"])
+@pytest.mark.parametrize("slow", sorted(SLOW_IMPORTS))
+def test_loading_in_a_replacement_worker_counts_against_the_call_then_fails_fast(request, shared_marker, sandbox,
+                                                                                  slow):
+    indented = "".join(f"    {line}\n" for line in SLOW_IMPORTS[slow].splitlines())
+    source = (
+        "import os\n"
+        f"if os.path.exists({str(shared_marker)!r}):\n{indented}"
+        "def grade(sample, item):\n"
+        "    if sample['output_text'] == 'stuck':\n"
+        "        while True:\n"
+        "            pass\n"
+        "    return 1.0\n"
+    )
+    grader = PythonGrader(python_spec(source), timeout_s=1.0, sandbox=_sandbox_mode(request, sandbox))
+    try:
+        assert grader.grade("fine", {}).reward == 1.0
+        first = {worker.process.pid for worker in grader._workers}
+        shared_marker.touch()  # from now on the source loads for ever
+        assert grader.grade("stuck", {}).errors == ["py: timed out after 1 s"]
+        assert grader.worker_count == 0  # the stuck worker was killed
+        started = time.monotonic()
+        result = grader.grade("fine", {})  # needs a new worker, whose source never loads
+        assert result.reward is None
+        assert result.errors == ["py: timed out after 1 s loading the grader source (its module-level code, imports "
+                                 "included, counts against the time limit grader.timeout_s)"]
+        results = [grader.grade("fine", {}) for _ in range(3)]  # fail at once, no new worker
+        elapsed = time.monotonic() - started
+        assert all(r.reward is None and "not loading it again" in r.errors[0] for r in results)
+        assert grader.worker_count == 0 and first.isdisjoint(w.process.pid for w in grader._workers)
+        assert elapsed < 20.0  # 4 calls: one time limit, not four, and never the 1000 s sleep
+        assert _sandbox_children() == []
+    finally:
+        grader.close()
+
+
+def _sandbox_children() -> list[int]:
+    """Live worker processes this test process started (math readers of other tests aside)."""
+    found = []
+    for pid in _children(os.getpid()):
+        with contextlib.suppress(OSError):
+            if b"_sandbox_child.py" in Path(f"/proc/{pid}/cmdline").read_bytes() and _running(pid):
+                found.append(pid)
+    return found
 
 
 def test_sources_that_do_not_load_are_spec_errors_at_build_time(isolation):

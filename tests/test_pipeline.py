@@ -178,7 +178,8 @@ def test_the_registered_version_says_what_it_is_and_what_the_gate_decided(uninte
         figures = metrics[name]
         row = f"| {label} | {figures['accuracy']:.4f} | {figures['reward_mean']:.4f} | {figures['sampled_reward_mean']:.4f} |"
         assert row in text
-    assert f"### Gate\n\n**promoted** to champion on `eval/accuracy`: {summary['gate']['reason']}" in text
+    rule = summary["gate"]["rule"]
+    assert f"### Gate\n\n**promoted** to champion on `eval/accuracy` (rule `{rule}`): {summary['gate']['reason']}" in text
     assert "Not decided yet" not in text
 
 
@@ -321,3 +322,73 @@ def test_sigkill_during_rl_then_rerun_resumes_from_the_last_checkpoint(uninterru
     straight_dir = next((tmp_path / "straight" / "stages").glob("rl-*")) / "model" / "model.safetensors"
     a, b = load_file(str(killed_dir)), load_file(str(straight_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- nothing broken is registered
+
+
+def registered_names(uri: str) -> set[str]:
+    return {model.name for model in MlflowClient(uri).search_registered_models()}
+
+
+def test_a_run_that_diverges_fails_at_the_iteration_and_registers_nothing(uninterrupted, tmp_path):
+    from flows.pipeline import rft_pipeline
+
+    cfg = config(tmp_path, rl={**TINY["rl"], "lr": 1e30, "iterations": 4}, registry={"model_name": "rft-diverged"})
+    state = rft_pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert message.startswith("RL iteration ") and "Lower rl.lr (now 1e+30)" in message
+    states = task_states(state.state_details.flow_run_id)
+    assert states["rl"] == "Failed" and "evaluate" not in states and "register" not in states
+    uri = tracking.resolve_tracking_uri(cfg)
+    assert "rft-diverged" not in registered_names(uri)
+    rl_run = next(run for name, run in child_runs(MlflowClient(uri), _parent_of(uri, cfg)).items() if name == "rl")
+    assert rl_run.info.status == "FAILED"
+
+
+def _parent_of(uri: str, cfg: RFTConfig) -> str:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.`rft.kind` = 'pipeline'", order_by=["start_time DESC"])
+    return runs[0].info.run_id
+
+
+def test_a_grader_that_always_fails_fails_the_run_before_anything_is_registered(uninterrupted, tmp_path):
+    from flows.pipeline import rft_pipeline
+
+    source = "def grade(sample, item):\n    raise ValueError('no grade today')\n"
+    cfg = config(tmp_path, grader={"spec": {"type": "python", "source": source}, "timeout_s": 30},
+                 registry={"model_name": "rft-ungraded"})
+    state = rft_pipeline(config=cfg, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "the grader failed on" in message and "no grade today" in message
+    assert "rft-ungraded" not in registered_names(tracking.resolve_tracking_uri(cfg))
+
+
+def test_stages_retry_only_failures_that_may_pass_by_themselves(prefect_api):
+    from prefect import flow, task
+
+    from tasks.stages import transient_failure
+
+    calls: list[str] = []
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=transient_failure)
+    def fails_with(error: Exception) -> None:
+        calls.append(type(error).__name__)
+        raise error
+
+    @flow
+    def run_once(error: Exception):
+        return fails_with(error, return_state=True)
+
+    for error, attempts in (
+        (FileNotFoundError("data/train.jsonl"), 1),
+        (ValueError("registry.model_name 'a/b'"), 1),
+        (ConnectionRefusedError("127.0.0.1:5000"), 3),
+        (TimeoutError("the tracking server did not answer"), 3),
+    ):
+        calls.clear()
+        run_once(error, return_state=True)
+        assert len(calls) == attempts, (error, calls)

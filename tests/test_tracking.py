@@ -4,7 +4,9 @@ the registry's promotion gate, its lock, rollback, and the registry CLI commands
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -353,8 +355,48 @@ def test_gate_promotes_first_version_then_only_a_better_one(store: str, model_ur
     assert tags["gate.reason"] == refused.reason
     assert tags["gate.champion_version"] == str(v1)
     assert tags["gate.champion_value"] == "0.5"
+    assert tags["gate.rule"] == "not-better"
     assert client(store).get_model_version(name, str(v3)).tags["gate.decision"] == "promoted"
     assert gate(name, v3).reason == f"version {v3} is already the champion"
+
+
+def test_gating_a_version_again_appends_to_its_history(store: str, model_uri: str) -> None:
+    """A cached rerun of a pipeline gates its version again: the earlier decision stays on record."""
+    name = "gate-history"
+    v1, v2 = register(model_uri, name, 0.5), register(model_uri, name, 0.4)
+    gate(name, v1)
+    first = gate(name, v2)
+    again = gate(name, v2, min_improvement=0.0)
+    tags = client(store).get_model_version(name, str(v2)).tags
+    history = json.loads(tags["gate.history"])
+    assert [h["gate.reason"] for h in history] == [first.reason, again.reason]
+    assert all(h["gate.time"] for h in history) and tags["gate.reason"] == again.reason
+
+
+def health_version(model_uri: str, name: str, value: float, **tags: str) -> int:
+    return tracking.register_model(
+        model_uri, name, metrics={"eval/accuracy": value, "eval/grader_error_share": float(tags.pop("errors", 0.0))},
+        data_digest="val-1", tags=tags,
+    )
+
+
+def test_the_gate_reads_a_versions_health_from_its_tags(store: str, model_uri: str) -> None:
+    """With no champion yet: worse than its start, non-finite weights, graded mostly by errors are
+    each refused, with the rule tagged; a healthy version is then promoted."""
+    name = "gate-health"
+    cases = {
+        "worse-than-start": health_version(model_uri, name, 0.4, **{"start_metric.eval/accuracy": "0.83", "weights_finite": "true"}),
+        "non-finite": health_version(model_uri, name, 0.9, weights_finite="false"),
+        "grader-errors": health_version(model_uri, name, 0.0, errors="0.95", weights_finite="true"),
+    }
+    for rule, version in cases.items():
+        decision = gate(name, version)
+        assert not decision.promoted and decision.rule == rule, decision
+        assert client(store).get_model_version(name, str(version)).tags["gate.rule"] == rule
+        assert tracking.champion_version(name) is None
+    healthy = health_version(model_uri, name, 0.9, **{"start_metric.eval/accuracy": "0.83", "weights_finite": "true"})
+    assert gate(name, healthy).promoted and tracking.champion_version(name) == healthy
+    assert not gate(name, cases["non-finite"], force=True).promoted
 
 
 def described_config(**sections: object) -> RFTConfig:
@@ -417,16 +459,23 @@ def test_the_gate_writes_its_decision_into_the_description_each_time_it_decides(
         return client(store).get_model_version(name, str(version)).description
 
     first = description(v1)
-    assert "### Gate\n\n**promoted** to champion on `eval/accuracy`: " in first and "Not decided yet" not in first
+    assert "### Gate\n\n**promoted** to champion on `eval/accuracy` (rule `no-champion`): " in first
+    assert "Not decided yet" not in first
     assert first.startswith("Reinforcement fine-tuned by rft")  # the rest of the description is kept
     second = description(v2)
-    assert f"**refused** (champion unchanged) on `eval/accuracy`: {refused.reason}" in second
+    assert f"**refused** (champion unchanged) on `eval/accuracy` (rule `not-better`): {refused.reason}" in second
     assert f"This version: 0.4; champion before: v{v1} (0.5)." in second
-    # `rft promote --force` goes through the same function: the gate section is replaced, not added.
+    # `rft promote --force` goes through the same function: one gate section, the latest decision
+    # first, the earlier ones kept below it (the audit trail), in the description and in gate.history.
     assert invoke(cli, "promote", name, str(v2), "--force", "--tracking-uri", store).exit_code == 0
     forced = description(v2)
-    assert forced.count("### Gate") == 1 and "**promoted** to champion" in forced and "refused" not in forced
+    assert forced.count("### Gate") == 1
+    latest, earlier = forced.split("### Gate")[1].split("Earlier decisions:")
+    assert "**promoted** to champion on `eval/accuracy` (rule `forced`)" in latest and "refused" not in latest
+    assert f"refused (not-better): {refused.reason}" in earlier
     assert forced.split("### Gate")[0] == second.split("### Gate")[0]
+    history = json.loads(client(store).get_model_version(name, str(v2)).tags["gate.history"])
+    assert [(h["gate.decision"], h["gate.rule"]) for h in history] == [("refused", "not-better"), ("promoted", "forced")]
     # A version registered without a description gets the gate section alone.
     v3 = register(model_uri, name, 0.9)
     gate(name, v3)
@@ -586,6 +635,32 @@ def test_registry_lock_excludes_concurrent_holders_and_breaks_a_stale_one(store:
     c.delete_registered_model(name + tracking.LOCK_SUFFIX)
 
 
+@pytest.mark.parametrize("expires", ["soon", "", "nan", "inf", "-inf", "1e999", "2026-12-06T10:00:00", None])
+def test_a_lock_whose_expiry_cannot_be_read_is_broken_one_lease_after_it_was_made(
+    store: str, expires: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hand-edited or foreign: within a lease of its creation it is waited for (its holder may be
+    alive), then it is broken with a warning naming it; never a ValueError from parsing it."""
+    name = "lock-expiry"
+    lock = name + tracking.LOCK_SUFFIX
+    c = client(store)
+    tags = {"rft.lock.owner": "hand-edited"} | ({} if expires is None else {"rft.lock.expires": expires})
+    c.create_registered_model(lock, tags=tags)
+    with (
+        pytest.raises(tracking.RegistryError, match="held by hand-edited"),
+        tracking.registry_lock(c, name, lease_s=60, timeout_s=0.3),
+    ):
+        pass
+    with caplog.at_level(logging.WARNING, logger="rft.tracking"), tracking.registry_lock(
+        c, name, lease_s=0.0, timeout_s=5
+    ) as owner:
+        assert c.get_registered_model(lock).tags["rft.lock.owner"] == owner
+    assert lock not in {m.name for m in c.search_registered_models()}
+    warning = caplog.text
+    assert f"breaking the promotion lock {lock!r} (held by hand-edited)" in warning
+    assert ("no expiry tag" if expires is None else f"rft.lock.expires={expires!r} is not a time") in warning
+
+
 def test_list_versions_reports_aliases_metrics_and_gate(store: str, model_uri: str) -> None:
     name = "list-test"
     v1, v2 = register(model_uri, name, 0.4), register(model_uri, name, 0.3)
@@ -601,6 +676,86 @@ def test_list_versions_reports_aliases_metrics_and_gate(store: str, model_uri: s
         tracking.list_versions("nope")
     with pytest.raises(tracking.RegistryError, match="has no version 99"):
         gate(name, 99)
+
+
+# --------------------------------------------------------------------------- a damaged store
+
+
+def damaged_store(kind: str, db: Path, good: bytes) -> None:
+    """Put at `db` what a user may find there instead of a store."""
+    if kind == "random bytes":
+        db.write_bytes(random.Random(0).randbytes(5000))
+    elif kind == "a text file":
+        db.write_text("runs:\n  - id: 1\n" * 50)
+    elif kind == "a truncated store":
+        db.write_bytes(good[: len(good) // 3])
+    elif kind == "a torn page":
+        db.write_bytes(good[:8192] + random.Random(1).randbytes(4096) + good[12288:])
+    elif kind == "a header only":
+        db.write_bytes(good[:100])
+    elif kind == "a directory":
+        db.mkdir()
+    elif kind == "a FIFO":
+        os.mkfifo(db)
+
+
+DAMAGED = {
+    "random bytes": "is not an SQLite database",
+    "a text file": "is not an SQLite database (its first bytes are b'runs:\\n  '",
+    "a truncated store": "is a damaged SQLite database",
+    "a torn page": "is a damaged SQLite database",
+    "a header only": "is a damaged SQLite database",
+    "a directory": "is a directory, not an SQLite database file",
+    "a FIFO": "is a FIFO (named pipe), not an SQLite database file",
+}
+
+
+@pytest.fixture(scope="module")
+def good_store_bytes(store: str) -> bytes:
+    client(store).search_experiments()  # tables exist
+    return Path(store.removeprefix("sqlite:///")).read_bytes()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", list(DAMAGED))
+def test_a_damaged_store_is_one_line_naming_it_and_the_fix(
+    kind: str, good_store_bytes: bytes, tmp_path: Path, cli: typer.Typer
+) -> None:
+    db = tmp_path / "rft_runs" / "mlflow.db"
+    db.parent.mkdir()
+    damaged_store(kind, db, good_store_bytes)
+    uri = f"sqlite:///{db}"
+    with pytest.raises(tracking.TrackingStoreUnusable) as caught:
+        tracking.check_tracking_available(uri)
+    message = str(caught.value)
+    assert f"{db} {DAMAGED[kind]}" in message and "move it aside" in message and "\n" not in message
+    # The commands that open the store: one line, exit 2, no traceback, nothing written over it.
+    before = db.read_bytes() if db.is_file() else None
+    for args in (["models", "x"], ["promote", "x", "1"], ["rollback", "x"]):
+        result = CliRunner().invoke(cli, [*args, "--tracking-uri", uri])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert (db.read_bytes() if db.is_file() else None) == before
+
+
+def test_rft_run_refuses_a_damaged_store_before_the_flow_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rft.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(random.Random(2).randbytes(3000))
+    result = CliRunner().invoke(app, ["run", "--set", f"output_dir={tmp_path}"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.startswith(f"error: MLflow tracking store sqlite:///{tmp_path}/mlflow.db cannot be used")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no stage ran
+
+
+def test_a_good_store_an_empty_file_and_no_file_yet_are_usable(good_store_bytes: bytes, tmp_path: Path) -> None:
+    (tmp_path / "copy.db").write_bytes(good_store_bytes)
+    (tmp_path / "empty.db").touch()
+    for name in ("copy.db", "empty.db", "new/mlflow.db"):
+        tracking.check_tracking_available(f"sqlite:///{tmp_path / name}")
+    assert (tmp_path / "new").is_dir()
 
 
 # --------------------------------------------------------------------------- CLI

@@ -4,7 +4,9 @@ through a real `mlflow server`."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -153,6 +155,82 @@ def test_full_model_and_lora_adapter_reload_identical(
     assert not (workdir / "mlruns").exists()
 
 
+# --------------------------------------------------------------------------- bad requests to the served model
+
+
+@pytest.fixture(scope="module")
+def logged_tiny(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """(store, model URI) of the tiny model logged to a fresh store."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('served-store')}/mlflow.db"
+    parent = tracking.start_pipeline_run(RFTConfig(experiment="bad-requests"), tracking_uri=store)
+    run_id = tracking.start_stage_run(parent, "rl", tracking_uri=store)
+    return store, tracking.log_model(run_id, tiny["full"], name="full", tracking_uri=store)
+
+
+@pytest.fixture(scope="module")
+def served_model(logged_tiny: tuple[str, str]) -> mlflow.pyfunc.PyFuncModel:
+    """The tiny model loaded back as MLflow serves it (pyfunc)."""
+    return mlflow.pyfunc.load_model(logged_tiny[1])
+
+
+BAD_INPUTS = {
+    "null": ([None], "input 0: the prompt is null"),
+    "null among prompts": (["hello", None], "input 1 of 2: the prompt is null"),
+    "empty": ([""], "input 0: the prompt is empty"),
+    "whitespace": (["  \n\t"], "input 0: the prompt is empty"),
+    "zero-width": (["\u200b\u2060\ufeff"], "input 0: the prompt is empty"),
+    "empty chat turn": ([json.dumps([{"role": "user", "content": "\u200b "}])], "the last user message is empty"),
+}
+BAD_MAX_NEW_TOKENS = {
+    "negative": (-5, "params.max_new_tokens must be at least 1, got -5"),
+    "zero": (0, "params.max_new_tokens must be at least 1, got 0"),
+    "past the context": (10_000, "params.max_new_tokens must be at most 64 (the model's context length)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_pyfunc_predict_refuses_a_null_or_empty_prompt(served_model: mlflow.pyfunc.PyFuncModel, case: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    inputs, message = BAD_INPUTS[case]
+    with pytest.raises(MlflowException, match=re.escape(message)) as caught:
+        served_model.predict(inputs, params={"max_new_tokens": 2})
+    assert caught.value.get_http_status_code() == 400
+
+
+@pytest.mark.parametrize("case", list(BAD_MAX_NEW_TOKENS))
+def test_pyfunc_predict_refuses_a_max_new_tokens_out_of_range(
+    served_model: mlflow.pyfunc.PyFuncModel, case: str
+) -> None:
+    from mlflow.exceptions import MlflowException
+
+    value, message = BAD_MAX_NEW_TOKENS[case]
+    with pytest.raises(MlflowException, match=re.escape(message)) as caught:
+        served_model.predict(["hello"], params={"max_new_tokens": value})
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_the_scoring_server_answers_bad_requests_with_400_and_the_reason(
+    served_model: mlflow.pyfunc.PyFuncModel,
+) -> None:
+    """MLflow's own scoring server app (what `mlflow models serve` runs), in process."""
+    from mlflow.pyfunc.scoring_server import init
+    from starlette.testclient import TestClient
+
+    client = TestClient(init(served_model))
+    good = client.post("/invocations", json={"inputs": ["hello"], "params": {"max_new_tokens": 2}})
+    assert good.status_code == 200, good.text
+    assert isinstance(good.json()["predictions"][0], str)
+    requests = [({"inputs": inputs, "params": {"max_new_tokens": 2}}, message) for inputs, message in BAD_INPUTS.values()]
+    requests += [({"inputs": ["hello"], "params": {"max_new_tokens": value}}, message)
+                 for value, message in BAD_MAX_NEW_TOKENS.values()]
+    requests.append(({"dataframe_split": {"columns": ["prompt"], "data": [[None]]}}, "the prompt is null"))
+    for body, message in requests:
+        answer = client.post("/invocations", json=body)
+        assert answer.status_code == 400, (body, answer.status_code, answer.text)
+        assert message in answer.json()["message"], (body, answer.text)
+
+
 # --------------------------------------------------------------------------- a real server
 
 
@@ -247,3 +325,51 @@ def test_pipeline_against_a_real_tracking_server(
     assert [r["aliases"] for r in rows] == [["champion"], ["challenger"]]
     model, tokenizer = tracking.load_logged_model("models:/served@champion", tracking_uri=uri)
     assert torch.equal(logits(model, tokenizer), full_ref)
+
+
+@pytest.mark.integration
+def test_mlflow_models_serve_answers_bad_requests_with_400(logged_tiny: tuple[str, str], tmp_path: Path) -> None:
+    """The same through `mlflow models serve` over HTTP."""
+    store, model_uri = logged_tiny
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with (tmp_path / "serve.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+             "-h", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+                time.sleep(0.5)
+
+        def post(body: dict) -> tuple[int, dict]:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read())
+
+        status, answer = post({"inputs": ["hello"], "params": {"max_new_tokens": 2}})
+        assert status == 200 and isinstance(answer["predictions"][0], str)
+        for body, message in [({"inputs": [None]}, "input 0: the prompt is null"),
+                              ({"inputs": ["\u200b"]}, "input 0: the prompt is empty"),
+                              ({"inputs": ["hi"], "params": {"max_new_tokens": -5}}, "must be at least 1, got -5")]:
+            status, answer = post(body)
+            assert status == 400 and message in answer["message"], (body, status, answer)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=20)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)

@@ -18,6 +18,7 @@ from typing import Any
 from rft_core.config import DataConfig
 from rft_core.data.readers import (
     BOM,
+    CSV_DELIMITERS,
     PARQUET_MAGIC,
     RawRow,
     binary_kind,
@@ -73,7 +74,11 @@ def read_rows(path: Path, data: bytes, requested: str | None, cfg: DataConfig) -
     """The file's format (`requested`, else detected) and its raw rows."""
     container = _container(path, data, requested)
     if container in ("csv", "parquet"):
-        columns, rows = parquet_rows(path) if container == "parquet" else csv_rows(path, data)
+        if container == "parquet":
+            columns, rows = parquet_rows(path)
+        else:
+            wanted = (cfg.columns.prompt, cfg.columns.reference)
+            columns, rows = csv_rows(path, data, cfg.csv_delimiter, wanted)
         if not rows:
             raise DataError(f"{path}: the CSV file has a header but no rows")
         missing = _missing_columns(columns, cfg)
@@ -84,7 +89,7 @@ def read_rows(path: Path, data: bytes, requested: str | None, cfg: DataConfig) -
             if found is not None:
                 return found, rows
         if requested in (None, container):
-            raise _columns_error(path, missing, columns)
+            raise _columns_error(path, missing, columns, container)
         return requested, rows
     rows = _json_rows(path, data, container)
     return requested or _format_from_fields(path, [r.record for r in rows if r.record is not None]), rows
@@ -134,8 +139,15 @@ def _missing_columns(columns: list[str], cfg: DataConfig) -> list[str]:
     return [f"'{name}' (data.columns.{key})" for key, name in required.items() if name not in columns]
 
 
-def _columns_error(path: Path, missing: list[str], columns: list[str]) -> DataError:
+def _columns_error(path: Path, missing: list[str], columns: list[str], container: str) -> DataError:
     shown = ", ".join(printable(str(c)) for c in columns[:50]) + (f", ... {len(columns) - 50} more" if len(columns) > 50 else "")
+    if container == "csv" and len(columns) == 1 and (split := [d for d in CSV_DELIMITERS if d in columns[0]]):
+        # One column whose name holds a delimiter: the file is split by another character.
+        return DataError(
+            f"{path}: no column {', '.join(missing)}; the header is one column {shown!r}, which looks "
+            f"{split[0]!r}-separated: set data.csv_delimiter to {split[0]!r} (or auto).",
+            setting="data.csv_delimiter",
+        )
     return DataError(
         f"{path}: no column {', '.join(missing)}; the file has columns: {shown}. "
         "Set data.columns.<key> to the file's column names.",

@@ -32,11 +32,13 @@ from rft_core.data.detect import read_rows
 from rft_core.data.readers import RawRow, json_type, printable, read_file
 from rft_core.data.records import CANDIDATE_BUILDERS, FORMATS, Candidate, content_id, shown
 from rft_core.data.schemas import (
+    IS_EMPTY,
     MUST_BE_TEXT,
     NO_NUMERIC_ANSWER,
     DataError,
     Problem,
     canonical_frame,
+    invisible_names,
     row_checks_schema,
     uniqueness_schema,
     validate_items,
@@ -217,6 +219,8 @@ def _reason(check: str, value: Any) -> str:
         return "missing"
     if check == MUST_BE_TEXT:
         return f"{MUST_BE_TEXT}, got {json_type(value)}"
+    if check == IS_EMPTY and isinstance(value, str) and value.strip():
+        return f"{IS_EMPTY}: only invisible characters ({invisible_names(value)})"
     if check == NO_NUMERIC_ANSWER:
         return f"{NO_NUMERIC_ANSWER}: {shown(value)} (numeric=False accepts it when the grader compares text)"
     return check

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rft_core.data.schemas import DataError, json_native
+from rft_core.files import DATA_LIMIT, FileProblem, read_bytes
 
 BOM = b"\xef\xbb\xbf"
 PARQUET_MAGIC = b"PAR1"
@@ -65,15 +66,12 @@ class RawRow:
 
 
 def read_file(path: Path) -> bytes:
-    """The file's bytes; DataError when it is missing, a directory, unreadable or empty."""
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a data file")
+    """The file's bytes; DataError when it is missing, not a regular file (a directory, a FIFO, a
+    device), unreadable, larger than `DATA_LIMIT` or empty (the checks of `rft_core.files`)."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+        data = read_bytes(path, "data file", DATA_LIMIT)
+    except FileProblem as exc:
+        raise DataError(str(exc)) from None
     if not data.removeprefix(BOM).strip():
         raise DataError(f"{path}: the file is empty")
     return data
@@ -328,15 +326,47 @@ def _resume_point(text: str, pos: int) -> int | None:
 # --------------------------------------------------------------------------- CSV
 
 
-def csv_rows(path: Path, data: bytes) -> tuple[list[str], list[RawRow]]:
-    """Records of a CSV (TSV for .tsv) file, keyed by the header, with their physical lines.
+CSV_DELIMITERS = ",;\t|"
+_SNIFF_LINES, _SNIFF_CHARS = 50, 64 * 1024
 
-    A record the csv module cannot parse, a row of the wrong width, a cell with a NUL byte or
-    undecodable bytes, or a cell longer than `csv.field_size_limit()` is a rejected row; a header
-    that cannot be read (or has duplicate names) makes the file unusable.
+
+def csv_delimiter(path: Path, text: str, wanted: tuple[str, ...] = ()) -> str:
+    """The delimiter of a CSV text, among `CSV_DELIMITERS`: the one that splits the header into
+    fields holding every `wanted` column name, else what `csv.Sniffer` finds in the first lines,
+    else ',' (tab for a .tsv file)."""
+    lines = text[:_SNIFF_CHARS].splitlines(keepends=True)[:_SNIFF_LINES]
+    sample = "".join(lines)
+    if wanted:
+        fits = [d for d in CSV_DELIMITERS if set(wanted) <= set(_header_fields(sample, d))]
+        if len(fits) == 1:
+            return fits[0]
+    if len(lines) > 1:  # the last line of a sample cut in the middle of a file could mislead it
+        sample = "".join(lines[:-1]) if len(text) > len(sample) else sample
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=CSV_DELIMITERS).delimiter
+    except csv.Error:  # one column, or no delimiter used consistently
+        return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _header_fields(sample: str, delimiter: str) -> list[str]:
+    try:
+        return [name.strip() for name in next(csv.reader(io.StringIO(sample, newline=""), delimiter=delimiter), [])]
+    except csv.Error:
+        return []
+
+
+def csv_rows(path: Path, data: bytes, delimiter: str = "auto", wanted: tuple[str, ...] = ()) -> tuple[list[str], list[RawRow]]:
+    """Records of a CSV file, keyed by the header, with their physical lines.
+
+    `delimiter` is one character, or "auto" (`csv_delimiter`: the one whose header holds the
+    `wanted` columns, else sniffed, else ',' or tab for .tsv). A record the csv module cannot parse,
+    a row of the wrong width, a cell with a NUL byte or undecodable bytes, or a cell longer than
+    `csv.field_size_limit()` is a rejected row; a header that cannot be read (or has duplicate
+    names) makes the file unusable.
     """
     text, _ = decode(data.removeprefix(BOM))
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    if delimiter == "auto":
+        delimiter = csv_delimiter(path, text, wanted)
     physical: list[str] = []
 
     def lines():

@@ -30,7 +30,14 @@ from typing import Any
 
 from rft_core.config import DataConfig
 from rft_core.data.readers import json_type
-from rft_core.data.schemas import CANONICAL_COLUMNS, IS_EMPTY, MUST_BE_TEXT, json_native
+from rft_core.data.schemas import (
+    CANONICAL_COLUMNS,
+    IS_EMPTY,
+    MUST_BE_TEXT,
+    invisible_names,
+    is_blank,
+    json_native,
+)
 from rft_core.graders.numeric import parse_number
 
 OPENAI_REFERENCE_FIELDS = ("reference_answer", "answer", "correct_answer", "label", "ground_truth", "reference")
@@ -82,9 +89,14 @@ def _as_reference(value: Any) -> Any:
 
 
 def _as_solution(value: Any) -> Any:
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if value is None or (isinstance(value, str) and is_blank(value)):
         return None
     return value.strip() if isinstance(value, str) else value
+
+
+def _invisible(blank: str) -> str:
+    """': only invisible characters (U+200B ZERO WIDTH SPACE)' for a blank text that is not just spaces."""
+    return f": only invisible characters ({invisible_names(blank)})" if blank.strip() else ""
 
 
 def _extras(record: dict[str, Any], sources: dict[str, str], skip: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -143,8 +155,8 @@ def openai_candidate(record: dict[str, Any], cfg: DataConfig) -> Candidate:
         prompt = _message_text(messages[-1].get("content"))
         if prompt is None:
             cand.problems.append(("prompt", "messages", "the last user message has no text content"))
-        elif not prompt.strip():
-            cand.problems.append(("prompt", "messages", "the last user message is empty"))
+        elif is_blank(prompt):
+            cand.problems.append(("prompt", "messages", "the last user message is empty" + _invisible(prompt)))
     if ref_field is None:
         looked = [cfg.columns.reference, *[n for n in OPENAI_REFERENCE_FIELDS if n != cfg.columns.reference]]
         cand.problems.append(("reference", "reference", f"no reference field (looked for: {', '.join(looked)})"))
@@ -189,7 +201,7 @@ def split_gsm8k_answer(answer: str, strip_annotations: bool = True) -> tuple[str
     solution = answer[:marker].strip()
     if strip_annotations:
         solution = _CALCULATOR_ANNOTATION.sub("", solution)
-    return solution or None, value, None
+    return (None if is_blank(solution) else solution), value, None
 
 
 def gsm8k_candidate(record: dict[str, Any], cfg: DataConfig) -> Candidate:
@@ -202,8 +214,8 @@ def gsm8k_candidate(record: dict[str, Any], cfg: DataConfig) -> Candidate:
         cand.problems.append(("reference", "answer", "missing"))
     elif not isinstance(answer, str):
         cand.problems.append(("reference", "answer", f"{MUST_BE_TEXT}, got {json_type(answer)}"))
-    elif not answer.strip():
-        cand.problems.append(("reference", "answer", IS_EMPTY))
+    elif is_blank(answer):
+        cand.problems.append(("reference", "answer", IS_EMPTY + _invisible(answer)))
     else:
         solution, reference, reason = split_gsm8k_answer(answer, cfg.strip_calculator_annotations)
         if reason:

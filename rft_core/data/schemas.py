@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +101,45 @@ def is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
+# Code points that show nothing but are not whitespace or format/control characters: Unicode's
+# other default-ignorables (combining grapheme joiner, Hangul fillers, Khmer inherent vowels,
+# Mongolian free variation selectors, variation selectors) and the blank Braille pattern.
+_OTHER_INVISIBLE = frozenset(
+    chr(code)
+    for code in (
+        0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0,
+        *range(0x180B, 0x1810), *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0),
+    )
+)
+# Whitespace and separators (Z*), controls (Cc), format characters (Cf: zero-width space and
+# joiners U+200B-U+200D, word joiner U+2060, BOM U+FEFF, bidi marks, soft hyphen, tag characters).
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def is_invisible(char: str) -> bool:
+    """Whether one character shows nothing on its own (whitespace, zero-width, format, control)."""
+    return char.isspace() or char in _OTHER_INVISIBLE or unicodedata.category(char) in _INVISIBLE_CATEGORIES
+
+
+def is_blank(text: str) -> bool:
+    """Whether a text shows nothing: empty, or only whitespace and invisible characters.
+
+    >>> is_blank(" \u200b\u2060\ufeff "), is_blank("\u200bx")
+    (True, False)
+    """
+    return all(is_invisible(char) for char in text)
+
+
+def invisible_names(text: str, limit: int = 3) -> str:
+    """'U+200B ZERO WIDTH SPACE, U+2060 WORD JOINER': the distinct non-space characters of a blank text."""
+    chars = list(dict.fromkeys(char for char in text if not char.isspace()))
+    shown = [f"U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}" for c in chars[:limit]]
+    return ", ".join(shown) + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
 def is_not_blank(value: Any) -> bool:
     # Non-text values pass here: the text check already reports them, once.
-    return not isinstance(value, str) or bool(value.strip())
+    return not isinstance(value, str) or not is_blank(value)
 
 
 def has_numeric_answer(value: Any) -> bool:

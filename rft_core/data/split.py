@@ -178,20 +178,22 @@ class SplitManifest:
         return asdict(self)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        from rft_core.files import write_text_atomic
+
+        # Written whole or not at all: a later load never reads half a manifest.
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> SplitManifest:
+        from rft_core.files import FileProblem, read_text
+
         path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path, "split manifest"))
             manifest = cls(**data)
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such split manifest") from None
-        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
+        except FileProblem as exc:  # missing, a directory or FIFO, too large, not UTF-8
+            raise DataError(str(exc)) from None
+        except (json.JSONDecodeError, TypeError, RecursionError) as exc:
             raise DataError(f"{path}: not a split manifest: {exc}") from None
         if manifest.digest != manifest.content_digest():
             raise DataError(f"{path}: the manifest was modified after it was written (digest mismatch)")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import pandas as pd
 from rft_core.config import DataConfig
 from rft_core.data.load import Reject, load_items
 from rft_core.data.schemas import DataError, Problem
+from rft_core.files import FileProblem, atomic_write, refuse_inputs, same_file
 
 REJECTS_SUFFIX = ".rejects.jsonl"
 
@@ -87,14 +89,23 @@ def write_rejects(rejects: list[Reject], path: str | Path) -> Path:
     """
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole or not at all: an interrupted run leaves the previous rejects file.
         # backslashreplace turns a lone surrogate inside a JSON string into its JSON escape.
-        with path.open("w", encoding="utf-8", errors="backslashreplace", newline="\n") as out:
+        with atomic_write(path, encoding="utf-8", errors="backslashreplace", newline="\n") as out:
             for reject in rejects:
                 out.write(_json_line(reject.to_dict()) + "\n")
+    except FileProblem as exc:
+        raise DataError(str(exc)) from None
     except OSError as exc:
         raise DataError(f"{path}: cannot write the rejects file: {exc.strerror or exc}") from None
     return path
+
+
+def _refuse_inputs(rejects_path: str | Path, inputs: Mapping[str, str | Path | None]) -> None:
+    try:
+        refuse_inputs(rejects_path, inputs, what="rejects file")
+    except FileProblem as exc:
+        raise DataError(str(exc)) from None
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -121,24 +132,34 @@ def validate_file(
     rejects_path: str | Path | None = None,
     numeric: bool = False,
     format: str | None = None,
+    inputs: Mapping[str, str | Path | None] | None = None,
 ) -> ValidationReport:
     """Load `path`, write its rejected rows, and report.
 
     Rejects go to `rejects_path` if given (written even when empty, so a caller who names it always
     finds it), else to `default_rejects_path` when some row was rejected. A clean file leaves no
     rejects file, and removes a stale one beside it (it would describe other data).
+    The rejects file is never the data file nor one of the caller's other `inputs`
+    ({"config file": path, ...}): that is refused (DataError) before the file is read.
     Raises DataError when the file is unusable as a whole.
     """
+    protected = {"data file": path, **(inputs or {})}
+    if rejects_path is not None:
+        _refuse_inputs(rejects_path, protected)
     result = load_items(path, cfg, format=format, numeric=numeric)
     if rejects_path is not None:
         written: Path | None = write_rejects(result.rejects, rejects_path)
     elif result.rejects:
-        written = write_rejects(result.rejects, default_rejects_path(path))
+        default = default_rejects_path(path)
+        _refuse_inputs(default, protected)
+        written = write_rejects(result.rejects, default)
     else:
         written = None
-        # Only the file beside the data is ours to clear; a same-named one in the cwd may not be.
+        # Only the file beside the data is ours to clear; a same-named one in the cwd may not be,
+        # and neither is one that is an input of this call.
         stale = Path(path).with_name(Path(path).name + REJECTS_SUFFIX)
-        if stale.is_file() and os.access(stale.parent, os.W_OK):
+        ours = not any(p is not None and same_file(stale, p) for p in protected.values())
+        if ours and stale.is_file() and os.access(stale.parent, os.W_OK):
             stale.unlink(missing_ok=True)
     return ValidationReport(
         path=Path(path),

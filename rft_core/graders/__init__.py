@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from rft_core.graders import model_graders, multi, numeric, python_grader, rank, similarity, string_check
-from rft_core.graders.base import Grader, GraderError, GradeResult, GraderSpecError, Sample
+from rft_core.graders.base import (
+    MAX_SPEC_DEPTH,
+    Grader,
+    GraderError,
+    GradeResult,
+    GraderSpecError,
+    Sample,
+    shown,
+    structure_problems,
+)
 from rft_core.graders.batch import grade_batch, summarize
 
 __all__ = [
@@ -58,7 +67,8 @@ def _spec_only(cls: Callable[[Mapping[str, Any]], Grader]) -> Callable[..., Grad
 def _check_multi(spec: Mapping[str, Any]) -> list[str]:
     problems = multi.check_spec(spec)
     for name, sub in multi.sub_grader_specs(spec).items():
-        problems += [f"graders.{name}: {problem}" for problem in validate_grader_spec(sub)]
+        label = name if len(str(name)) <= 40 else f"{str(name)[:40]}..."
+        problems += [f"graders.{label}: {problem}" for problem in validate_grader_spec(sub)]
     return problems
 
 
@@ -92,19 +102,23 @@ GRADER_TYPES = tuple(GRADERS)
 
 
 def validate_grader_spec(spec: Any) -> list[str]:
-    """The problems of a grader spec, one message each; empty when it is valid.
+    """The problems of a grader spec, one line each; empty when it is valid.
 
-    Checks types, required and unknown fields, operations, metrics, templates, formulas and
-    sub-grader names, and parses (never runs) python sources; loads no model.
+    Checks the spec's size and shape first (`structure_problems`: depth, values, text), then
+    types, required and unknown fields, operations, metrics, templates, formulas and sub-grader
+    names, and parses (never runs) python sources; loads no model.
     """
     if not isinstance(spec, Mapping):
         return [f"a grader spec is a mapping with a 'type', got {type(spec).__name__}"]
+    problems = structure_problems(spec)
+    if problems:
+        return problems
     kind = spec.get("type")
     if isinstance(kind, str) and kind in GRADERS:
         return GRADERS[kind].check(spec)
     if kind is None:
         return [f"grader spec has no 'type' (one of {', '.join(GRADER_TYPES)})"]
-    return [f"unknown grader type {kind!r} (one of {', '.join(GRADER_TYPES)})"]
+    return [f"unknown grader type {shown(kind)} (one of {', '.join(GRADER_TYPES)})"]
 
 
 def build_grader(
@@ -118,8 +132,8 @@ def build_grader(
     their first sandbox process here. Call `close()` (or use `with`) to release them.
     """
     problems = validate_grader_spec(spec)
-    if problems:
-        raise GraderSpecError("invalid grader spec:\n- " + "\n- ".join(problems))
+    if problems:  # one line, as every error a command prints
+        raise GraderSpecError("invalid grader spec: " + "; ".join(problems))
     return GRADERS[spec["type"]].build(spec, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
 
 
@@ -130,32 +144,41 @@ def configured_grader(section: Any) -> Grader:
     )
 
 
+# A grader spec is a few kilobytes; a python grader's source is at most 256 KiB (OpenAI's limit).
+MAX_SPEC_FILE_BYTES = 4 * 1024 * 1024
+
+
 def load_grader_spec(path: str | Path) -> dict[str, Any]:
     """A grader spec from a JSON or YAML file (by extension; by content when neither).
 
-    Raises GraderSpecError naming the file when it is missing, does not parse, or is not a
-    mapping. The spec is returned as written; `validate_grader_spec` checks it.
+    Raises GraderSpecError naming the file when it is missing, not a regular file, larger than
+    MAX_SPEC_FILE_BYTES, not UTF-8, does not parse (or nests too deeply to), or is not a mapping. The spec is returned as written; `validate_grader_spec` checks it.
     """
+    from rft_core.files import FileProblem, read_text, yaml_error
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise GraderSpecError(f"{path}: grader file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GraderSpecError(f"{path}: cannot read grader file: {exc}") from None
+        text = read_text(path, "grader file", limit=MAX_SPEC_FILE_BYTES)
+    except FileProblem as exc:  # missing, a directory, a FIFO, a device, too large, not UTF-8
+        raise GraderSpecError(str(exc)) from None
     suffix = path.suffix.lower()
+    too_deep = f"{path}: nested too deeply to read (a grader spec nests at most {MAX_SPEC_DEPTH} levels)"
     if suffix == ".json" or (suffix not in (".yaml", ".yml") and text.lstrip().startswith("{")):
         try:
             spec = json.loads(text)
         except ValueError as exc:
             raise GraderSpecError(f"{path}: not valid JSON: {exc}") from None
+        except (RecursionError, MemoryError):
+            raise GraderSpecError(too_deep) from None
     else:
         import yaml
 
         try:
             spec = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise GraderSpecError(f"{path}: not valid YAML: {exc}") from None
+            raise GraderSpecError(f"{path}: not valid YAML: {yaml_error(exc)}") from None
+        except (RecursionError, MemoryError):
+            raise GraderSpecError(too_deep) from None
     if not isinstance(spec, dict):
         raise GraderSpecError(f"{path}: a grader spec is a mapping with a 'type', got {type(spec).__name__}")
     return spec

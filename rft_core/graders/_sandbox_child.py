@@ -15,9 +15,11 @@ by `mode`:
   other processes, changing resource limits, loading native code through ctypes, and rebinding
   the hook's own code.
 
-Protocol: one JSON object per line. The parent sends `{"source": ...}`; the child answers
-`{"ok": true}` once `grade` is defined, `{"ok": false, "error": ...}` when the source does not
-load, or `{"ok": false, "unavailable": ...}` when the kernel refused to isolate it, and exits.
+Protocol: one JSON object per line. The child first writes `{"ready": true}` once it is isolated
+(before any user code), or `{"ok": false, "unavailable": ...}` when the kernel refused to isolate
+it, and exits. Then the parent sends `{"source": ...}` (from here the grader's time limit runs:
+module-level code such as imports counts against it); the child answers `{"ok": true}` once
+`grade` is defined, or `{"ok": false, "error": ...}` when the source does not load, and exits.
 Then, per call, the parent sends `{"sample": ..., "item": ...}` and the child answers
 `{"ok": true, "value": float, "cpu": s}` or `{"ok": false, "error": ..., "cpu": s}`, where `cpu` is
 the worker's CPU time so far (the parent replaces a worker well before its CPU limit). Range checks
@@ -152,6 +154,7 @@ def main():
     worker_pid = os.getpid()
     proto_in = os.fdopen(proto_in_fd, "r", encoding="utf-8")
     proto_out = os.fdopen(proto_out_fd, "w", encoding="utf-8")
+    _send(proto_out, {"ready": True})
 
     first = json.loads(proto_in.readline() or "{}")
     namespace = {"__name__": "grader"}

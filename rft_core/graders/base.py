@@ -17,12 +17,16 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import reprlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 __all__ = [
+    "MAX_SPEC_CHARS",
+    "MAX_SPEC_DEPTH",
+    "MAX_SPEC_NODES",
     "GradeResult",
     "Grader",
     "GraderError",
@@ -30,6 +34,8 @@ __all__ = [
     "Sample",
     "check_reward",
     "make_context",
+    "shown",
+    "structure_problems",
 ]
 
 # What graders accept as a sample: the output text, or a dict with `output_text` and
@@ -169,11 +175,61 @@ class Grader(ABC):
 # change the reward, so it is accepted and ignored.
 COMMON_FIELDS = ("type", "name", "pass_threshold")
 
+# A spec's size and shape, checked before anything walks it recursively. A multi grader inside a
+# multi grader adds two levels (its `graders` map and the spec), so 32 allows 15 such levels.
+MAX_SPEC_DEPTH = 32
+MAX_SPEC_NODES = 100_000  # values: mappings, lists, strings, numbers (keys included)
+MAX_SPEC_CHARS = 2_000_000  # characters of all its strings together
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """A spec value as problems quote it: its repr, shortened (long strings, deep or long
+    containers), so that a message stays one short line whatever the spec holds.
+
+    >>> shown("is"), shown([[[[[1]]]]]), len(shown("x" * 10_000)) <= 80
+    ("'is'", '[[[[...]]]]', True)
+    """
+    return _SHOWN.repr(value)
+
+
+def structure_problems(spec: Any) -> list[str]:
+    """Problems of a spec's size and shape: nested deeper than MAX_SPEC_DEPTH, more than
+    MAX_SPEC_NODES values or more than MAX_SPEC_CHARS characters of text. Walked without
+    recursion (and stopping at the first limit), so a spec nested thousands deep, or a YAML file
+    whose aliases repeat one list exponentially, is a problem here, not a RecursionError or a hang.
+
+    >>> structure_problems({"type": "multi", "graders": {"a": {"type": "rank"}}})
+    []
+    """
+    stack: list[tuple[Any, int]] = [(spec, 1)]
+    nodes = chars = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_SPEC_NODES:
+            return [f"the grader spec holds more than {MAX_SPEC_NODES} values; a grader spec is small"]
+        if isinstance(value, str):
+            chars += len(value)
+            if chars > MAX_SPEC_CHARS:
+                return [f"the grader spec holds more than {MAX_SPEC_CHARS} characters of text; a grader spec is small"]
+        elif isinstance(value, (Mapping, list, tuple)):
+            if depth > MAX_SPEC_DEPTH:
+                return [f"the grader spec nests deeper than the limit of {MAX_SPEC_DEPTH} levels "
+                        "(a multi grader inside a multi grader adds two)"]
+            children = [x for pair in value.items() for x in pair] if isinstance(value, Mapping) else value
+            stack.extend((child, depth + 1) for child in children)
+    return []
+
 
 def spec_label(spec: Mapping[str, Any]) -> str:
     """How problems name a grader: `string_check 'exact'`."""
     name = spec.get("name")
-    return f"{spec.get('type')} {name!r}" if name else str(spec.get("type"))
+    # The type is one of GRADERS here (spec checks run only for known types): short, unquoted.
+    return f"{spec.get('type')} {shown(name)}" if name else str(spec.get("type"))
 
 
 def field_problems(
@@ -190,18 +246,18 @@ def field_problems(
         if key not in spec:
             problems.append(f"{label}: missing field '{key}'")
         elif not _is(spec[key], kind):
-            problems.append(f"{label}: field '{key}' should be {_kind_name(kind)}, got {spec[key]!r}")
+            problems.append(f"{label}: field '{key}' should be {_kind_name(kind)}, got {shown(spec[key])}")
     for key, kind in optional.items():
         if key in spec and spec[key] is not None and not _is(spec[key], kind):
-            problems.append(f"{label}: field '{key}' should be {_kind_name(kind)}, got {spec[key]!r}")
+            problems.append(f"{label}: field '{key}' should be {_kind_name(kind)}, got {shown(spec[key])}")
     known = [*COMMON_FIELDS, *required, *optional]
     for key in spec:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(known)})"
-            problems.append(f"{label}: unknown field '{key}'{hint}")
+            problems.append(f"{label}: unknown field {shown(key)}{hint}")
     if "name" in spec and not isinstance(spec["name"], str):
-        problems.append(f"{label}: field 'name' should be a string, got {spec['name']!r}")
+        problems.append(f"{label}: field 'name' should be a string, got {shown(spec['name'])}")
     return problems
 
 

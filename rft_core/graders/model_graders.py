@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from rft_core.graders.base import Grader, GraderError, GraderSpecError, field_problems, spec_label
+from rft_core.graders.base import Grader, GraderError, GraderSpecError, field_problems, shown, spec_label
 from rft_core.graders.templates import render, template_problems
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -61,13 +61,13 @@ def _input_problems(messages: Any, label: str) -> list[str]:
             problems.append(f"{where}: a message is a mapping with 'role' and 'content'")
             continue
         if message.get("role") not in ROLES:
-            problems.append(f"{where}: role should be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+            problems.append(f"{where}: role should be one of {', '.join(ROLES)}, got {shown(message.get('role'))}")
         content = message.get("content")
         parts = content if isinstance(content, list) else [content]
         for part in parts:
             if isinstance(part, dict):
                 if part.get("type", "input_text") not in _TEXT_PART_TYPES:
-                    problems.append(f"{where}: only text content is supported, got type {part.get('type')!r}")
+                    problems.append(f"{where}: only text content is supported, got type {shown(part.get('type'))}")
                 else:
                     problems += template_problems(part.get("text"), f"{where}.content")
             else:
@@ -81,13 +81,13 @@ def _common_problems(spec: Mapping[str, Any], label: str) -> list[str]:
     if isinstance(params, dict):
         for key, value in params.items():
             if key not in SAMPLING_PARAMS:
-                problems.append(f"{label}: unknown sampling_params key {key!r} (known: {', '.join(SAMPLING_PARAMS)})")
+                problems.append(f"{label}: unknown sampling_params key {shown(key)} (known: {', '.join(SAMPLING_PARAMS)})")
             elif key != "reasoning_effort" and value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float))
             ):
-                problems.append(f"{label}: sampling_params.{key} should be a number, got {value!r}")
+                problems.append(f"{label}: sampling_params.{key} should be a number, got {shown(value)}")
     if spec.get("device") not in (None, "auto", "cpu", "cuda", "mps"):
-        problems.append(f"{label}: device should be auto, cpu, cuda or mps, got {spec.get('device')!r}")
+        problems.append(f"{label}: device should be auto, cpu, cuda or mps, got {shown(spec.get('device'))}")
     return problems
 
 
@@ -103,7 +103,7 @@ def check_score_spec(spec: Mapping[str, Any]) -> list[str]:
             and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
             and bounds[0] < bounds[1]
         ):
-            problems.append(f"{label}: range should be [lo, hi] with lo < hi, got {bounds!r}")
+            problems.append(f"{label}: range should be [lo, hi] with lo < hi, got {shown(bounds)}")
     return problems
 
 

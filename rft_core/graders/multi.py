@@ -10,7 +10,9 @@ that is evaluated once per sample. Grammar, loosest binding first:
     atom   := number | name | name '(' expr (',' expr)* ')' | '(' expr ')'
 
 Functions: `min`, `max` (one or more arguments), `abs`, `floor`, `ceil`, `exp`, `sqrt`, `log`
-(natural; one argument). Names are the keys of `graders` (or the `name` of the one grader object
+(natural; one argument). A formula is at most MAX_FORMULA_CHARS long and its tree at most
+MAX_FORMULA_DEPTH deep (each operator, parenthesis and call adds a level); both are checked before
+the parser goes deeper, so a formula nested thousands deep is a spec error, not a RecursionError. Names are the keys of `graders` (or the `name` of the one grader object
 OpenAI's SDK writes there, see `sub_grader_specs`). Unknown names, unknown functions,
 wrong arities and syntax errors are spec errors; division by zero, `sqrt`/`log` out of domain
 and a result outside [0, 1] are error results. A sub-grader's error makes the multi result an
@@ -46,6 +48,18 @@ from rft_core.graders.base import (
 
 class FormulaError(GraderSpecError):
     """A formula that does not parse (or names what it cannot use)."""
+
+    openai_error = "formula_parse_error"  # the key OpenAI's graders API reports it under
+
+
+# A real formula weighs a few sub-graders; these bound what parsing and evaluating may cost.
+MAX_FORMULA_CHARS = 10_000
+MAX_FORMULA_DEPTH = 64
+
+
+def _shown(text: str) -> str:
+    """A formula as messages quote it: whole when short, else its start and its length."""
+    return repr(text) if len(text) <= 60 else f"{text[:60]!r}... ({len(text)} characters)"
 
 
 # ----------------------------------------------------------------------------- the tree
@@ -122,8 +136,9 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
     while position < len(text):
         match = _TOKEN_RE.match(text, position)
         if not match:
-            raise FormulaError(f"formula {text!r}: unexpected character {text[position:].lstrip()[:1]!r} "
-                               f"at position {position + len(text[position:]) - len(text[position:].lstrip())}")
+            rest = text[position:]
+            raise FormulaError(f"formula {_shown(text)}: unexpected character {rest.lstrip()[:1]!r} "
+                               f"at position {position + len(rest) - len(rest.lstrip())}")
         kind = match.lastgroup or "op"
         tokens.append((kind, match.group(kind), match.start(kind)))
         position = match.end()
@@ -131,17 +146,35 @@ def _tokenize(text: str) -> list[tuple[str, str, int]]:
 
 
 class _Parser:
+    """Recursive descent that returns each node with its depth, and refuses to go deeper than
+    MAX_FORMULA_DEPTH before it recurses (`level` counts the open recursions)."""
+
     def __init__(self, text: str):
         self.text = text
         self.tokens = _tokenize(text)
         self.index = 0
+        self.level = 0
 
     def error(self, message: str) -> FormulaError:
         if self.index < len(self.tokens):
             where = f"at position {self.tokens[self.index][2]} ({self.tokens[self.index][1]!r})"
         else:
             where = "at the end"
-        return FormulaError(f"formula {self.text!r}: {message} {where}")
+        return FormulaError(f"formula {_shown(self.text)}: {message} {where}")
+
+    def too_deep(self) -> FormulaError:
+        return self.error(f"nested deeper than the limit of {MAX_FORMULA_DEPTH} levels (each operator, "
+                          "parenthesis and function call adds one)")
+
+    def node(self, node: Node, depth: int) -> tuple[Node, int]:
+        if depth > MAX_FORMULA_DEPTH:
+            raise self.too_deep()
+        return node, depth
+
+    def descend(self) -> None:
+        self.level += 1
+        if self.level > MAX_FORMULA_DEPTH:
+            raise self.too_deep()
 
     def peek(self) -> str | None:
         return self.tokens[self.index][1] if self.index < len(self.tokens) else None
@@ -158,73 +191,88 @@ class _Parser:
 
     def parse(self) -> Node:
         if not self.tokens:
-            raise FormulaError(f"formula {self.text!r} is empty")
-        node = self.expr()
+            raise FormulaError(f"formula {_shown(self.text)} is empty")
+        node, _ = self.expr()
         if self.index != len(self.tokens):
             raise self.error("unexpected token")
         return node
 
-    def expr(self) -> Node:
-        node = self.term()
+    def expr(self) -> tuple[Node, int]:
+        node, depth = self.term()
         while self.peek() in ("+", "-"):
             op = self.take()[1]
-            node = Binary(op, node, self.term())
-        return node
+            right, right_depth = self.term()
+            node, depth = self.node(Binary(op, node, right), max(depth, right_depth) + 1)
+        return node, depth
 
-    def term(self) -> Node:
-        node = self.unary()
+    def term(self) -> tuple[Node, int]:
+        node, depth = self.unary()
         while self.peek() in ("*", "/"):
             op = self.take()[1]
-            node = Binary(op, node, self.unary())
-        return node
+            right, right_depth = self.unary()
+            node, depth = self.node(Binary(op, node, right), max(depth, right_depth) + 1)
+        return node, depth
 
-    def unary(self) -> Node:
+    def unary(self) -> tuple[Node, int]:
         if self.peek() in ("-", "+"):
             op = self.take()[1]
-            return Unary(op, self.unary())
+            self.descend()
+            operand, depth = self.unary()
+            self.level -= 1
+            return self.node(Unary(op, operand), depth + 1)
         return self.power()
 
-    def power(self) -> Node:
-        base = self.atom()
+    def power(self) -> tuple[Node, int]:
+        base, depth = self.atom()
         if self.peek() in ("^", "**"):
             self.take()
-            return Binary("^", base, self.unary())
-        return base
+            self.descend()
+            exponent, exponent_depth = self.unary()
+            self.level -= 1
+            return self.node(Binary("^", base, exponent), max(depth, exponent_depth) + 1)
+        return base, depth
 
-    def atom(self) -> Node:
+    def atom(self) -> tuple[Node, int]:
         if self.index >= len(self.tokens):
             raise self.error("expected a number, a name or '('")
         kind, value, _ = self.tokens[self.index]
         if kind == "number":
             self.index += 1
-            return Num(float(value))
+            return Num(float(value)), 1
         if kind == "name":
             self.index += 1
             if self.peek() == "(":
                 return self.call(value)
-            return Name(value)
+            return Name(value), 1
         if value == "(":
             self.index += 1
-            node = self.expr()
+            self.descend()
+            node, depth = self.expr()
+            self.level -= 1
             self.expect(")")
-            return node
+            return self.node(node, depth + 1)
         raise self.error("expected a number, a name or '('")
 
-    def call(self, function: str) -> Node:
+    def call(self, function: str) -> tuple[Node, int]:
         if function not in FUNCTIONS:
             self.index -= 1
             raise self.error(f"unknown function {function!r} (known: {', '.join(FUNCTIONS)})")
         self.expect("(")
-        args = [self.expr()]
+        self.descend()
+        arg, depth = self.expr()
+        args = [arg]
         while self.peek() == ",":
             self.take()
-            args.append(self.expr())
+            arg, arg_depth = self.expr()
+            args.append(arg)
+            depth = max(depth, arg_depth)
+        self.level -= 1
         self.expect(")")
         _, low, high = FUNCTIONS[function]
         if len(args) < low or (high is not None and len(args) > high):
             wanted = f"{low}" if high == low else f"at least {low}"
-            raise FormulaError(f"formula {self.text!r}: {function}() takes {wanted} argument(s), got {len(args)}")
-        return Call(function, tuple(args))
+            raise FormulaError(f"formula {_shown(self.text)}: {function}() takes {wanted} argument(s), got {len(args)}")
+        return self.node(Call(function, tuple(args)), depth + 1)
 
 
 def parse_formula(text: str) -> Node:
@@ -234,7 +282,9 @@ def parse_formula(text: str) -> Node:
     Unary(op='-', operand=Binary(op='^', left=Name(name='a'), right=Num(value=2.0)))
     """
     if not isinstance(text, str):
-        raise FormulaError(f"calculate_output should be a formula string, got {text!r}")
+        raise FormulaError(f"calculate_output should be a formula string, got {type(text).__name__}")
+    if len(text) > MAX_FORMULA_CHARS:
+        raise FormulaError(f"formula {_shown(text)} is longer than the limit of {MAX_FORMULA_CHARS} characters")
     return _Parser(text).parse()
 
 
@@ -306,6 +356,13 @@ def sub_grader_specs(spec: Mapping[str, Any]) -> dict[str, Any]:
     return dict(graders)
 
 
+def _names(names: Any, most: int = 10) -> str:
+    """Names as a message lists them: at most `most`, each at most 40 characters."""
+    names = list(names)
+    listed = ", ".join(name if len(name) <= 40 else name[:40] + "..." for name in names[:most])
+    return listed + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def check_spec(spec: Mapping[str, Any]) -> list[str]:
     """Problems of the multi spec itself (sub-grader specs are checked by validate_grader_spec)."""
     problems = field_problems(spec, {"graders": dict, "calculate_output": str}, {})
@@ -328,8 +385,8 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
                 unknown = sorted(names_in(formula) - set(named))
                 if unknown:
                     problems.append(
-                        f"{label}: calculate_output uses unknown sub-grader(s) {', '.join(unknown)} "
-                        f"(graders: {', '.join(map(str, named)) or 'none'})"
+                        f"{label}: calculate_output uses unknown sub-grader(s) {_names(unknown)} "
+                        f"(graders: {_names(map(str, named)) or 'none'})"
                     )
     return problems
 

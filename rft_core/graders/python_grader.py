@@ -4,14 +4,21 @@ User code never runs in the training process. Each call goes to a worker process
 (`_sandbox_child.py`) that, by default (`sandbox="namespaces"`), isolated itself with the
 kernel before loading the source (`sandbox.py`: user, mount, network, PID and IPC namespaces, `/`
 read-only, a fresh /proc, a private scratch /tmp, no capabilities, seccomp, rlimits), for the
-grader and every process it starts. The limits: `timeout_s` of wall time per call (the worker
-and every process in its namespace are killed at the deadline), `memory_mb` of address space per
-process (RLIMIT_AS; the scratch /tmp holds as much again), `MAX_PROCESSES` processes and threads,
-and `cpu_limit_s(timeout_s)` CPU seconds per process (a worker is replaced before it reaches half
-of it). A call that times out, runs out of memory or processes, is refused by the kernel, raises,
-or returns something that is not a number in [0, 1] gives an error result with the reason; a
-worker that timed out or died is killed and replaced on the next call, so grading goes on. A
-worker exits by itself when the training process dies.
+grader and every process it starts.
+
+The limits: `timeout_s` of wall time per call, end to end: the worker and every process in its
+namespace are killed at the deadline, and loading the source in a new worker (its imports and
+other module-level code) counts against the call that needed it. The first worker loads at build
+time, so a source that does not load within `timeout_s` is a spec error there; once it takes
+longer in a replacement worker, every later call fails at once with that reason instead of
+spending `timeout_s` each. Also `memory_mb` of address space per process (RLIMIT_AS; the scratch
+/tmp holds as much again), `MAX_PROCESSES` processes and threads, and `cpu_limit_s(timeout_s)` CPU
+seconds per process (a worker is replaced before it reaches half of it). Starting and isolating a
+worker, before any user code runs, has its own bound (STARTUP_TIMEOUT_S). A call that times out,
+runs out of memory or processes, is refused by the kernel, raises, or returns something that is
+not a number in [0, 1] gives an error result with the reason; a worker that timed out or died is
+killed and replaced on the next call, so grading goes on. A worker exits by itself when the
+training process dies.
 
 Where the kernel will not isolate (no unprivileged user namespaces, not Linux), building the
 grader fails with `SandboxUnavailable`, whose message names the fix, unless `sandbox="none"`:
@@ -66,6 +73,8 @@ STARTUP_TIMEOUT_S = 30.0
 MAX_PROCESSES = 32
 # A reply longer than this is a broken worker, not a score: the pipeline must not buffer without end.
 MAX_REPLY_BYTES = 1 << 20
+# OpenAI's limit on a python grader's source.
+MAX_SOURCE_BYTES = 256 * 1024
 
 
 def cpu_limit_s(timeout_s: float) -> int:
@@ -84,10 +93,16 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
     source = spec.get("source")
     if not isinstance(source, str):
         return problems
+    size = len(source.encode("utf-8", errors="replace"))
+    if size > MAX_SOURCE_BYTES:
+        return [*problems, f"{label}: source is {size} bytes, over the limit of {MAX_SOURCE_BYTES} (OpenAI's)"]
     try:
         tree = ast.parse(source, filename="<grader>")
     except SyntaxError as exc:
         return [*problems, f"{label}: source does not parse: {exc.msg} (line {exc.lineno})"]
+    except (RecursionError, MemoryError, ValueError) as exc:  # `-` * 100000, `a+a+...`, NUL bytes
+        reason = "a null byte" if isinstance(exc, ValueError) else "expressions nested too deeply for Python's parser"
+        return [*problems, f"{label}: source does not parse: {reason}"]
     definition = None
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "grade":
@@ -131,16 +146,27 @@ class WorkerTimeout(GraderError):
     """The worker did not answer in time; it must be killed and replaced."""
 
 
+class SourceLoadTimeout(WorkerTimeout):
+    """The grader source (its module-level code: imports, set-up) did not load within the time limit."""
+
+
+def load_timeout_message(timeout_s: float) -> str:
+    return (f"timed out after {timeout_s:g} s loading the grader source (its module-level code, imports "
+            "included, counts against the time limit grader.timeout_s)")
+
+
 class SandboxWorker:
     """One worker process with `source` loaded; `call(sample, item)` returns grade()'s value.
 
-    `retire` turns True when the worker should be replaced after the call that set it (its CPU
-    time nears the limit, or it wrote more than one answer).
+    Starting the process and isolating it may take `startup_timeout_s` (no user code runs yet);
+    loading the source then has `load_timeout_s` (SourceLoadTimeout past it), and `load_s` is
+    the time it took. `retire` turns True when the worker should be replaced after the call that
+    set it (its CPU time nears the limit, or it wrote more than one answer).
     """
 
     def __init__(
         self, source: str, *, memory_mb: int, mode: str = "namespaces", cpu_s: int = 60,
-        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        load_timeout_s: float | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S,
     ):
         self.memory_mb = memory_mb
         self.mode = mode
@@ -161,25 +187,43 @@ class SandboxWorker:
         except OSError as exc:
             raise WorkerDied(f"could not start the sandbox process: {exc}") from None
         self._buffer = b""
-        self._send({"source": source})
         try:
-            reply = self._receive(time.monotonic() + startup_timeout_s)
+            ready = self._receive(time.monotonic() + startup_timeout_s)
         except GraderError:
             self.kill()
             raise
+        if not ready.get("ready"):
+            self.kill()
+            if "unavailable" in ready:
+                raise SandboxUnavailable(unavailable_message(str(ready["unavailable"])))
+            raise WorkerDied("the worker broke the protocol")
+        started = time.monotonic()
+        limit = startup_timeout_s if load_timeout_s is None else load_timeout_s
+        try:
+            self._send({"source": source})
+            reply = self._receive(started + limit)
+        except WorkerTimeout:
+            self.kill()
+            raise SourceLoadTimeout(load_timeout_message(limit)) from None
+        except GraderError:
+            self.kill()
+            raise
+        self.load_s = time.monotonic() - started
         if not reply.get("ok"):
             self.kill()
-            if "unavailable" in reply:
-                raise SandboxUnavailable(unavailable_message(str(reply["unavailable"])))
             raise GraderSpecError(f"the grader source failed to load: {reply.get('error')}")
 
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def call(self, sample: Mapping[str, Any], item: Mapping[str, Any], timeout_s: float) -> Any:
+    def call(
+        self, sample: Mapping[str, Any], item: Mapping[str, Any], timeout_s: float, limit_s: float | None = None
+    ) -> Any:
+        """grade()'s value within `timeout_s` (the rest of the call's time limit `limit_s`, which
+        the timeout message names)."""
         self._send({"sample": sample, "item": item})
-        reply = self._receive(time.monotonic() + timeout_s, timeout_s=timeout_s)
+        reply = self._receive(time.monotonic() + timeout_s, timeout_s=timeout_s if limit_s is None else limit_s)
         cpu = reply.get("cpu")
         if self._buffer or not isinstance(cpu, (int, float)) or cpu > self.cpu_s / 2:
             self.retire = True
@@ -297,13 +341,23 @@ class PythonGrader(Grader):
         self._idle: list[SandboxWorker] = []
         self._workers: set[SandboxWorker] = set()
         self._closed = False
+        # Set when the source once took longer than timeout_s to load in a new worker: every later
+        # call fails at once with it, rather than spending timeout_s on each.
+        self._load_failure: str | None = None
         # Kill the processes even if close() is never called.
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
-        # Start one worker now so that a source that fails to load is a spec error at build time.
+        # Start one worker now so that a source that fails to load, or loads too slowly, is a spec
+        # error at build time.
         try:
             self._release(self._spawn())
         except SandboxUnavailable:
             raise
+        except SourceLoadTimeout:
+            raise GraderSpecError(
+                f"python {self.name!r}: the grader source did not load within the {self.timeout_s:g} s time limit "
+                "(grader.timeout_s, --timeout-s): its module-level code (imports, set-up) counts against it; "
+                "make that faster or raise the limit"
+            ) from None
         except GraderSpecError as exc:
             raise GraderSpecError(f"python {self.name!r}: {exc}") from None
         except GraderError as exc:
@@ -317,24 +371,36 @@ class PythonGrader(Grader):
 
     def _spawn(self) -> SandboxWorker:
         worker = SandboxWorker(self.source, memory_mb=self.memory_mb, mode=self.sandbox,
-                               cpu_s=cpu_limit_s(self.timeout_s))
+                               cpu_s=cpu_limit_s(self.timeout_s), load_timeout_s=self.timeout_s)
         with self._lock:
             self._workers.add(worker)
         return worker
 
-    def _acquire(self) -> SandboxWorker:
+    def _acquire(self) -> tuple[SandboxWorker, float]:
+        """A worker with the source loaded, and the seconds of this call's time limit its loading took."""
         with self._lock:
             if self._closed:
                 raise GraderError("the grader is closed")
+            if self._load_failure:
+                raise GraderError(self._load_failure)
             while self._idle:
                 worker = self._idle.pop()
                 if worker.alive:
-                    return worker
+                    return worker, 0.0
                 self._workers.discard(worker)
         try:
-            return self._spawn()
+            worker = self._spawn()
+        except SourceLoadTimeout as exc:
+            with self._lock:
+                self._load_failure = (
+                    f"the grader source took longer than the {self.timeout_s:g} s time limit to load in a new worker "
+                    "(grader.timeout_s counts its module-level code: imports, set-up); not loading it again: "
+                    "make that faster or raise the limit"
+                )
+            raise GraderError(str(exc)) from None
         except GraderSpecError as exc:  # the source loaded before; now it does not (e.g. memory)
             raise GraderError(str(exc)) from None
+        return worker, worker.load_s
 
     def _release(self, worker: SandboxWorker) -> None:
         with self._lock:
@@ -349,9 +415,11 @@ class PythonGrader(Grader):
             self._workers.discard(worker)
 
     def score(self, context: dict[str, Any]) -> float:
-        worker = self._acquire()
+        # One time limit per call, end to end: loading the source in a new worker counts too.
+        worker, loading_s = self._acquire()
         try:
-            return worker.call(context["sample"], context["item"], self.timeout_s)
+            return worker.call(context["sample"], context["item"], max(self.timeout_s - loading_s, 0.0),
+                               limit_s=self.timeout_s)
         except (WorkerTimeout, WorkerDied):
             worker.retire = True  # the next call starts a fresh process
             raise

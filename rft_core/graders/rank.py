@@ -24,7 +24,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from rft_core.graders.base import Grader, field_problems, spec_label
+from rft_core.graders.base import Grader, field_problems, shown, spec_label
 from rft_core.graders.templates import render, template_problems
 
 DEFAULT_SCORES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
@@ -43,7 +43,7 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
             problems.append(f"{label}: scores must not be empty")
         for value in scores:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-                problems.append(f"{label}: scores must be numbers in [0, 1], got {value!r}")
+                problems.append(f"{label}: scores must be numbers in [0, 1], got {shown(value)}")
                 break
     for key in ("input", "reference"):
         if isinstance(spec.get(key), str):

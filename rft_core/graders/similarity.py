@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rft_core.graders.base import Grader, GraderSpecError, field_problems, spec_label
+from rft_core.graders.base import Grader, GraderSpecError, field_problems, shown, spec_label
 from rft_core.graders.templates import render, template_problems
 
 METRICS = (
@@ -50,7 +50,7 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
     label = spec_label(spec)
     metric = spec.get("evaluation_metric")
     if isinstance(metric, str) and metric not in METRICS:
-        problems.append(f"{label}: evaluation_metric {metric!r} is not one of {', '.join(METRICS)}")
+        problems.append(f"{label}: evaluation_metric {shown(metric)} is not one of {', '.join(METRICS)}")
     if metric == "cosine" and not spec.get("embedding_model"):
         problems.append(
             f"{label}: evaluation_metric 'cosine' needs 'embedding_model', a local Hugging Face "

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from rft_core.graders.base import Grader, field_problems, spec_label
+from rft_core.graders.base import Grader, field_problems, shown, spec_label
 from rft_core.graders.templates import render, template_problems
 
 OPERATIONS = ("eq", "ne", "like", "ilike")
@@ -27,7 +27,7 @@ def check_spec(spec: Mapping[str, Any]) -> list[str]:
     problems = field_problems(spec, {"input": str, "reference": str, "operation": str}, {})
     label = spec_label(spec)
     if isinstance(spec.get("operation"), str) and spec["operation"] not in OPERATIONS:
-        problems.append(f"{label}: operation {spec['operation']!r} is not one of {', '.join(OPERATIONS)}")
+        problems.append(f"{label}: operation {shown(spec['operation'])} is not one of {', '.join(OPERATIONS)}")
     for key in ("input", "reference"):
         if isinstance(spec.get(key), str):
             problems += template_problems(spec[key], f"{label}: {key}")

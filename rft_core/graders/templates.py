@@ -20,7 +20,11 @@ from typing import Any
 
 from rft_core.graders.base import GraderError
 
-PLACEHOLDER_RE = re.compile(r"\{\{\s*(.*?)\s*\}\}")
+# No nested quantifiers: `{{` followed by many spaces and no `}}` stays linear (the lazy
+# `\{\{\s*(.*?)\s*\}\}` took seconds on 2,000 spaces). The path is stripped where it is used.
+PLACEHOLDER_RE = re.compile(r"\{\{([^{}\n]*)\}\}")
+# A template is a prompt or a field path; longer is a mistake, and each sample renders it again.
+MAX_TEMPLATE_CHARS = 100_000
 _SEGMENT_RE = re.compile(r"[^.\[\]]+|\[\s*-?\d+\s*\]")
 NAMESPACES = ("item", "sample")
 
@@ -35,19 +39,21 @@ def placeholders(template: str) -> list[str]:
     >>> placeholders("{{ item.a }} and {{sample.output_text}}")
     ['item.a', 'sample.output_text']
     """
-    return PLACEHOLDER_RE.findall(template)
+    return [path.strip() for path in PLACEHOLDER_RE.findall(template)]
 
 
 def template_problems(template: Any, where: str) -> list[str]:
     """Spec problems of a template string: not a string, or a placeholder outside item/sample."""
     if not isinstance(template, str):
         return [f"{where}: expected a template string, got {type(template).__name__}"]
+    if len(template) > MAX_TEMPLATE_CHARS:
+        return [f"{where}: the template is {len(template)} characters long, over the limit of {MAX_TEMPLATE_CHARS}"]
     problems = []
     for path in placeholders(template):
         segments = split_path(path)
         if not segments or segments[0] not in NAMESPACES:
             problems.append(
-                f"{where}: placeholder '{{{{ {path} }}}}' must start with 'item.' or 'sample.'"
+                f"{where}: placeholder '{{{{ {path[:80]} }}}}' must start with 'item.' or 'sample.'"
             )
     return problems
 
@@ -113,4 +119,4 @@ def to_text(value: Any) -> str:
 
 def render(template: str, context: dict[str, Any]) -> str:
     """`template` with every placeholder replaced by its value (TemplateError naming a missing field)."""
-    return PLACEHOLDER_RE.sub(lambda match: to_text(resolve(match.group(1), context)), template)
+    return PLACEHOLDER_RE.sub(lambda match: to_text(resolve(match.group(1).strip(), context)), template)

@@ -60,19 +60,35 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance); masked-out entries become 0.
-
-    With `reduce` (a sum over processes), the statistics are those of every process's entries
-    together, so a batch split over processes is whitened as the whole batch would be.
-    """
+def masked_moments(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None) -> tuple[float, float, float]:
+    """(mean, unbiased variance, count) of the masked entries of `x`; with `reduce` (a sum over
+    processes), of every process's entries together."""
     stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).to(torch.float64)
     if reduce is not None:
         stats = reduce(stats)
     total, total_sq, n = stats.tolist()
     mean = total / max(n, 1.0)
     var = (total_sq - n * mean * mean) / max(n - 1.0, 1.0)
-    return ((x - mean) / (max(var, 0.0) + eps) ** 0.5) * mask
+    return mean, max(var, 0.0), n
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance); masked-out entries become 0.
+
+    With `reduce` (a sum over processes), the statistics are those of every process's entries
+    together, so a batch split over processes is whitened as the whole batch would be.
+    """
+    mean, var, _ = masked_moments(x, mask, reduce)
+    return ((x - mean) / (var + eps) ** 0.5) * mask
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce | None = None) -> float:
+    """1 - Var[returns - values] / Var[returns] over the masked tokens: 1 when the critic predicts the
+    returns, 0 when it does no better than their mean, negative when it does worse (cleanrl's
+    `explained_var`). 0 when the returns do not vary."""
+    _, var_returns, _ = masked_moments(returns, mask, reduce)
+    _, var_error, _ = masked_moments(returns - values, mask, reduce)
+    return 1.0 - var_error / var_returns if var_returns > 0 else 0.0
 
 
 def flat_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rft_core.config import RLConfig
-from rft_core.rl.advantages import Reduce
+from rft_core.rl.advantages import Reduce, explained_variance, masked_moments
 from rft_core.rl.grpo import grpo_advantages
 from rft_core.rl.losses import LOSS_STATS
 from rft_core.rl.ppo import ppo_advantages
@@ -33,10 +33,25 @@ class Estimate:
 
 def ppo_estimate(batch: Rollout, cfg: RLConfig, reduce: Reduce) -> Estimate:
     """GAE on the critic's values; reward = score on the last token - kl_coef x KL per token."""
+    mask = batch.response_mask
     advantages, returns, kl = ppo_advantages(
-        batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, batch.response_mask, cfg, reduce
+        batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, mask, cfg, reduce
     )
-    return Estimate(advantages, returns, kl, {})
+    return Estimate(advantages, returns, kl, critic_stats(batch.values, returns, mask, reduce))
+
+
+def critic_stats(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce) -> dict[str, float]:
+    """How well the critic predicts, and the advantages before whitening (returns - values: GAE's
+    output), over every process's response tokens: what moves first when PPO goes wrong."""
+    values = values * mask
+    advantage_mean, advantage_var, _ = masked_moments(returns - values, mask, reduce)
+    value_mean, _, _ = masked_moments(values, mask, reduce)
+    return {
+        "advantage_mean": advantage_mean,
+        "advantage_std": advantage_var**0.5,
+        "value_mean": value_mean,
+        "explained_variance": explained_variance(values, returns, mask, reduce),
+    }
 
 
 def grpo_estimate(batch: Rollout, cfg: RLConfig, reduce: Reduce) -> Estimate:

@@ -12,7 +12,7 @@ distribution the sampler draws from: softmax(logits / T) renormalised over the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -217,6 +217,7 @@ class Rollout:
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    errors: list[str] = field(default_factory=list)  # the first grader errors (shown if it mostly fails)
 
     @property
     def response_length(self) -> int:

@@ -40,6 +40,9 @@ from rft_core.config import RFTConfig
 from rft_core.evaluate import validation_metrics
 from rft_core.generation import Sampling, row_seeds
 from rft_core.graders import GradeResult, grade_batch
+from rft_core.guards import NonFiniteError, check_grader_errors, diverged
+from rft_core.integrity import reading, write_file
+from rft_core.lifecycle import TrainingStopped, deferring_stops
 from rft_core.models import (
     add_lora,
     decode,
@@ -53,12 +56,14 @@ from rft_core.models import (
 from rft_core.progress import progress
 from rft_core.rl.advantages import flat_groups
 from rft_core.rl.algorithms import ALGORITHMS, Estimate
+from rft_core.rl.guard import STOP, Guard
 from rft_core.rl.losses import LOSS_STATS, LossOutput, ppo_losses
 from rft_core.rl.rollout import PolicyWithValue, Rollout, group_rows, pack, sample_rollout, score_tokens
 from rft_core.training import (
     LogFn,
     Processes,
     StageResult,
+    best_weights_usable,
     disable_dropout,
     item_records,
     make_accelerator,
@@ -66,6 +71,7 @@ from rft_core.training import (
     selection_key,
     stage_grader,
     step_positions,
+    stop_after_step,
     sub_state,
     training_mode,
 )
@@ -76,9 +82,14 @@ logger = logging.getLogger("rft.rl")
 # iteration computes: a resumed run may change them (e.g. run more iterations).
 _RL_RUN_LENGTH_FIELDS = {
     "enabled", "iterations", "eval_interval", "checkpoint_interval", "keep_best",
-    "generation_batch_size", "micro_batch_size",
+    "generation_batch_size", "micro_batch_size", "guard",
 }
 
+# The per-iteration statistics kept for the picture of an RL run's health (`rl_signals.png`).
+SIGNALS = ("reward_mean", "val_sampled_reward", "val_accuracy", "kl", "entropy", "response_length")
+
+
+_APPROX_KL = LOSS_STATS.index("approx_kl")
 
 # What the progress display shows of an iteration's statistics.
 _SHOWN = ("reward_mean", "kl", "val_accuracy", "val_sampled_reward")
@@ -189,6 +200,13 @@ class RLTrainer:
             self.start_iteration = self.state.pop("step")
             logger.info("resuming RL from %s (iteration %d)", resume_from, self.start_iteration)
         self.state["settings"] = identity
+        self.state.setdefault("signals", [])
+        self.guard = Guard(self.rl.guard, self.state.setdefault("guard", None))
+        self.state["guard"] = self.guard.state
+        self.stopped_by_guard = False
+        # The settings of the current iteration: rl.kl_coef as adapted so far (rl.kl_target).
+        self.state.setdefault("kl_coef", self.rl.kl_coef)
+        self.rl = self.rl.model_copy(update={"kl_coef": self.state["kl_coef"]})
 
     # ------------------------------------------------------------------ one iteration
 
@@ -198,8 +216,14 @@ class RLTrainer:
         self._set_iteration_lr(iteration)
         batch = self.rollout(iteration, timings)
         stats = self.rollout_stats(batch, timings)
+        check_grader_errors(
+            stats["grader_errors"], stats["samples"], self.cfg.grader.max_error_share,
+            f"RL iteration {iteration + 1}", batch.errors,
+        )
         stats.update(self.update(batch, iteration, timings))
         stats["lr"] = self.scheduler.get_last_lr()[0]
+        stats["kl_coef"] = self.rl.kl_coef
+        self.adapt_kl_coef(stats["kl"], int(stats["samples"]))
         update_tokens = self.processes.sum(torch.tensor([timings["update_tokens"]])).item()
         stats["update_tokens_per_s"] = update_tokens / max(1e-9, timings["update"])
         for key in ("generate", "grade", "score", "update"):
@@ -213,11 +237,11 @@ class RLTrainer:
         rl, processes = self.rl, self.processes
         # The first `critic_warmup` iterations train the value head alone (PPO).
         critic_only = self.algorithm.value_head and iteration < rl.critic_warmup
-        filtered = {}
+        # Prompt groups whose samples all scored the same: no signal to compare (reported always).
+        flat = flat_groups(batch.scores, rl.samples_per_prompt, batch.graded)
+        filtered = {"flat_groups": float(flat.float().mean()) if len(flat) else 0.0}
         if rl.filter_flat_groups:
-            flat = flat_groups(batch.scores, rl.samples_per_prompt, batch.graded)
             batch.response_mask = batch.response_mask * (~flat).repeat_interleave(rl.samples_per_prompt)[:, None]
-            filtered = {"flat_groups": float(flat.float().mean())}
         estimate = self.algorithm.advantages(batch, rl, processes.sum)  # the PPO / GRPO seam
         stats = processes.mean(estimate.stats | filtered)
         stats["kl"] = processes.total(estimate.kl.sum()) / max(1.0, processes.total(len(estimate.kl)))
@@ -225,6 +249,7 @@ class RLTrainer:
         t0, steps, tokens = time.perf_counter(), 0, 0
         widths = batch.group_widths(self.group)
         totals = torch.zeros(len(LOSS_STATS), dtype=torch.float64)  # loss statistics, summed over steps
+        stop_above = 1.5 * rl.target_kl if rl.target_kl is not None and not critic_only else math.inf
         with training_mode(self.model):  # gradient checkpointing runs in training mode only
             for epoch in range(rl.ppo_epochs):
                 minibatches = self.minibatches(iteration, epoch, len(batch.texts), widths)
@@ -242,11 +267,28 @@ class RLTrainer:
                     if critic_only:
                         self._drop_trunk_gradients()
                     processes.step(self.params, self.optimizer, self.scheduler, rl.max_grad_norm)
-                    totals += processes.sum(step_totals)
+                    step_totals = processes.sum(step_totals)  # every process's: they all stop together
+                    totals += step_totals
                     steps += 1
+                    if step_totals[_APPROX_KL] > stop_above:
+                        break  # the policy moved far enough from the rollout's (rl.target_kl)
+                else:
+                    continue
+                break
         timings.update(update=time.perf_counter() - t0, update_tokens=float(tokens))
         means = dict(zip(LOSS_STATS, (totals / max(1, steps)).tolist(), strict=True))
-        return stats | {key: means[key] for key in self.algorithm.loss_stats}
+        return stats | {key: means[key] for key in self.algorithm.loss_stats} | {"update_steps": float(steps)}
+
+    def adapt_kl_coef(self, kl: float, samples: int) -> None:
+        """Adaptive KL (`rl.kl_target`, Ziegler et al. 2019, as verl's AdaptiveKLController): move
+        kl_coef toward holding the per-sample KL to the warm-up model at the target. The settings
+        of the next iteration (`self.rl`) carry the new coefficient; the checkpoint keeps it."""
+        target = self.cfg.rl.kl_target
+        if target is None:
+            return
+        error = min(max(kl / target - 1.0, -0.2), 0.2)
+        self.state["kl_coef"] = self.state["kl_coef"] * (1.0 + error * samples / self.cfg.rl.kl_horizon)
+        self.rl = self.cfg.rl.model_copy(update={"kl_coef": self.state["kl_coef"]})
 
     def loss_normaliser(self, batch: Rollout, rows: torch.Tensor, n_minibatches: int) -> float:
         """The loss's denominator for minibatch `rows` (0: it has no response token on any process):
@@ -366,7 +408,8 @@ class RLTrainer:
         t2 = time.perf_counter()
         input_ids, attention_mask, response_mask = pack(prompts, completions, self.tokenizer.pad_token_id)
         response_mask = response_mask * graded[:, None]
-        batch = Rollout(input_ids, attention_mask, response_mask, item_idx, texts, scores, graded, stopped)
+        errors = [e for r in results for e in r.errors][:5]
+        batch = Rollout(input_ids, attention_mask, response_mask, item_idx, texts, scores, graded, stopped, errors=errors)
         self.score(batch)
         t3 = time.perf_counter()
         timings.update(generate=t1 - t0, grade=t2 - t1, score=t3 - t2)
@@ -458,6 +501,7 @@ class RLTrainer:
         ).tolist()
         reward, n_graded, correct, rows, length, errors, ent, tokens, generated, stopped = totals
         return {
+            "samples": rows,
             "reward_mean": reward / max(1.0, n_graded),
             "accuracy": correct / max(1.0, rows),
             "response_length": length / max(1.0, rows),
@@ -480,7 +524,8 @@ class RLTrainer:
             if checkpoint is not None:
                 from peft import PeftModel
 
-                return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
+                with reading(checkpoint / "model", "checkpoint adapter"):
+                    return PeftModel.from_pretrained(base, str(checkpoint / "model"), is_trainable=True)
             return add_lora(base, self.cfg.model)
         source = checkpoint / "model" if checkpoint is not None else self.init_model
         return load_model(source, self.cfg.model, device=device, dtype=torch.float32)
@@ -506,21 +551,62 @@ class RLTrainer:
 
     def run(self) -> StageResult:
         rl = self.rl
-        if self.start_iteration == 0 and rl.eval_interval:
-            self._log(self.validate(0), 0)
+        if self.start_iteration == 0:
+            if rl.eval_interval:
+                self._log(self.validate(0), 0)
+            if self.guard.settings.enabled and self.state.get("best_iteration") is None:
+                self._save_best(0)  # what a rollback returns to when nothing was validated yet
         shown = {}  # the figures beside the progress: training reward, KL, the last validation
-        with progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar:
+        with (
+            progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar,
+            deferring_stops(),
+        ):
             for iteration in range(self.start_iteration, rl.iterations):
-                stats = self.iteration(iteration)
                 done = iteration + 1
+                try:
+                    stats = self.iteration(iteration)
+                except NonFiniteError as exc:
+                    raise diverged(
+                        exc, where=f"RL iteration {done}", lr_key="rl.lr", lr=rl.lr, checkpoints=self.ckpt_root
+                    ) from None
+                event = self.guard.after_iteration(done, stats)
                 if (rl.eval_interval and done % rl.eval_interval == 0) or done == rl.iterations:
-                    stats.update(self.validate(done))
+                    validation = self.validate(done)
+                    stats.update(validation)
+                    event = event or self.guard.after_validation(done, validation)
+                self._signals(done, stats)
+                if event is not None:
+                    stats["guard_events"] = float(len(self.guard.events))
                 self._log(stats, done)
                 shown.update({key: stats[key] for key in _SHOWN if key in stats})
                 bar.update(done, **shown)
-                if (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
+                stopping = stop_after_step(self.processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
+                if event is not None:
+                    logger.warning("guard: %s", event.message)
+                    if event.action == STOP:
+                        self.stopped_by_guard = True
+                        break
+                    self._rollback()
+                if stopping or (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
                     self.checkpoint(done)
+                if stopping:
+                    raise TrainingStopped("rl", done, rl.iterations, self.ckpt_root / f"step-{done}")
         return self.finish()
+
+    def _signals(self, done: int, stats: dict[str, float]) -> None:
+        """What the RL stage's picture of collapse and reward hacking draws, per iteration: training
+        reward against validation, KL to the warm-up model, entropy, response length."""
+        self.state["signals"].append({"step": done, **{k: stats[k] for k in SIGNALS if k in stats}})
+
+    def _rollback(self) -> None:
+        """The guard's rollback: the best validated weights back, the optimizer's moments cleared
+        (they belong to the run that went wrong), the learning rate times `rl.guard.lr_factor`."""
+        best = self.out_dir / "best"
+        if best_weights_usable(best, self.state["best_iteration"]):
+            self.processes.load_weights(self.model, self.policy, best, prefix="policy.")
+        self.optimizer.state.clear()
+        factor = self.rl.guard.lr_factor
+        self.scheduler.base_lrs = [base * factor for base in self.scheduler.base_lrs]
 
     def validate(self, iteration: int) -> dict[str, float]:
         with self.processes.gathered(self.model), self.processes.autocast():
@@ -530,10 +616,17 @@ class RLTrainer:
         self.state["history"].append({"step": iteration, **metrics})
         best = self.state.get("best")
         key = selection_key(metrics)
-        if self.rl.keep_best and (best is None or key > tuple(best)):
-            self.state["best"], self.state["best_iteration"] = list(key), iteration
-            save_weights(self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.")
+        # The best weights are kept for keep_best, and for the guard (what it rolls back to).
+        if (self.rl.keep_best or self.guard.settings.enabled) and (best is None or key > tuple(best)):
+            self.state["best"] = list(key)
+            self._save_best(iteration)
         return metrics
+
+    def _save_best(self, iteration: int) -> None:
+        self.state["best_iteration"] = iteration
+        save_weights(
+            self.processes, self.model, self.policy, self.out_dir / "best", prefix="policy.", step=iteration
+        )
 
     def checkpoint(self, iteration: int) -> None:
         processes = self.processes
@@ -555,9 +648,16 @@ class RLTrainer:
         history = self.state["history"]
         chosen = history[-1] if history else {}
         best_iteration = self.state.get("best_iteration")
-        if self.rl.keep_best and best_iteration is not None and best_iteration != self.rl.iterations:
-            processes.load_weights(self.model, self.policy, self.out_dir / "best", prefix="policy.")
-            chosen = next(h for h in history if h["step"] == best_iteration)
+        # keep_best ends with the best validated weights; so does a run the guard stopped (its
+        # weights now are the ones it stopped for).
+        best_dir = self.out_dir / "best"
+        best_later = self.rl.keep_best and best_iteration != self.rl.iterations
+        if (
+            best_iteration is not None and (self.stopped_by_guard or best_later)
+            and best_weights_usable(best_dir, best_iteration)
+        ):
+            processes.load_weights(self.model, self.policy, best_dir, prefix="policy.")
+            chosen = next((h for h in history if h["step"] == best_iteration), {})
         model_dir = self.out_dir / "model"
         save_weights(
             processes, self.model, self.policy, model_dir, prefix="policy.", tokenizer=self.tokenizer, merge=True
@@ -566,9 +666,10 @@ class RLTrainer:
         if processes.is_main:
             if head is not None:
                 torch.save(head, self.out_dir / "value_head.pt")
-            (self.out_dir / "result.json").write_text(json.dumps({"metrics": chosen, "history": history}, indent=1))
+            result = {"metrics": chosen, "history": history, "guard": self.guard.events, "signals": self.state["signals"]}
+            write_file(self.out_dir / "result.json", json.dumps(result, indent=1))
         processes.wait()
-        return StageResult(str(model_dir), {k: float(v) for k, v in chosen.items()}, history)
+        return StageResult(str(model_dir), {k: float(v) for k, v in chosen.items()}, history, events=self.guard.events)
 
     def _value_head_state(self) -> dict[str, torch.Tensor] | None:
         """The critic's weights, whole (gathered with FSDP: every process calls it); None without one."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from rft_core.tracking import tags
 from rft_core.tracking.descriptions import version_description
-from rft_core.tracking.errors import RegistryError, TrackingError, TrackingUnavailable
+from rft_core.tracking.errors import RegistryError, TrackingError, TrackingStoreUnusable, TrackingUnavailable
 from rft_core.tracking.gate import GateDecision, Measurement, decide
 from rft_core.tracking.models import _TextGenerator as _TextGenerator
 from rft_core.tracking.models import download_model, load_logged_model, log_model, serving_settings
@@ -37,6 +37,7 @@ from rft_core.tracking.registry import (
 from rft_core.tracking.runs import (
     artifact_link,
     config_tags,
+    end_abandoned_runs,
     end_run,
     ensure_experiment,
     find_pipeline_run,
@@ -84,6 +85,7 @@ __all__ = [
     "Measurement",
     "RegistryError",
     "TrackingError",
+    "TrackingStoreUnusable",
     "TrackingUnavailable",
     "artifact_link",
     "champion_version",
@@ -94,6 +96,7 @@ __all__ = [
     "decide",
     "default_tracking_uri",
     "download_model",
+    "end_abandoned_runs",
     "end_run",
     "ensure_experiment",
     "find_pipeline_run",

@@ -8,10 +8,11 @@ replaces its gate section when `promotion.promote` decides, so every path that g
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from rft_core.tracking.gate import GateDecision, fmt
+from rft_core.tracking.tags import GATE_DECISION, GATE_REASON, GATE_RULE, GATE_TIME
 
 if TYPE_CHECKING:
     from rft_core.config import RFTConfig
@@ -102,23 +103,33 @@ def _figures_table(cfg: RFTConfig, metrics: Mapping[str, Mapping[str, float]]) -
     return "\n".join(rows)
 
 
-def gate_section(decision: GateDecision, metric: str, when: str) -> str:
-    """The gate section of a description: the decision, its reason, the numbers compared."""
+def gate_section(
+    decision: GateDecision, metric: str, when: str, earlier: Sequence[Mapping[str, str]] = ()
+) -> str:
+    """The gate section of a description: the decision, its rule and reason, the numbers compared,
+    then the `earlier` decisions on the version (the `gate.history` tag's entries), newest first."""
     verdict = "**promoted** to champion" if decision.promoted else "**refused** (champion unchanged)"
     champion = (
         "none"
         if decision.champion_version is None
         else f"v{decision.champion_version} ({fmt(decision.champion_value)})"
     )
-    return "\n".join(
-        [
-            GATE_HEADING,
-            "",
-            f"{verdict} on `{metric}`: {decision.reason}",
-            "",
-            f"This version: {fmt(decision.challenger_value)}; champion before: {champion}. Decided {when}.",
-        ]
-    )
+    rule = f" (rule `{decision.rule}`)" if decision.rule else ""
+    lines = [
+        GATE_HEADING,
+        "",
+        f"{verdict} on `{metric}`{rule}: {decision.reason}",
+        "",
+        f"This version: {fmt(decision.challenger_value)}; champion before: {champion}. Decided {when}.",
+    ]
+    if earlier:
+        lines += ["", "Earlier decisions:"]
+        for entry in reversed(earlier):
+            rule = f" ({entry[GATE_RULE]})" if entry.get(GATE_RULE) else ""
+            lines.append(
+                f"- {entry.get(GATE_TIME, '?')}: {entry.get(GATE_DECISION, '?')}{rule}: {entry.get(GATE_REASON, '')}"
+            )
+    return "\n".join(lines)
 
 
 def with_gate(description: str | None, section: str) -> str:

@@ -16,5 +16,14 @@ class TrackingUnavailable(TrackingError):
         self.reason = reason
 
 
+class TrackingStoreUnusable(TrackingUnavailable):
+    """The tracking store is there but cannot be used (not an SQLite database, a directory, corrupt)."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        TrackingError.__init__(self, f"MLflow tracking store {uri} cannot be used: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
 class RegistryError(TrackingError):
     """Unknown registered model or version, nothing to roll back to, a lock never acquired."""

@@ -16,6 +16,7 @@ character for character.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,11 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
 
         settings = getattr(self, "serving", None) or RAW_SERVING
         inputs = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
-        max_new_tokens = int((params or {}).get("max_new_tokens") or settings["max_new_tokens"])
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        max_new_tokens = checked_max_new_tokens((params or {}).get("max_new_tokens"), settings["max_new_tokens"],
+                                                context)
         longest = settings.get("max_prompt_length") or 1 << 30
-        rows = [_as_row(str(text)) for text in inputs]
+        rows = checked_rows(inputs)
         ids = prompt_token_ids(pd.DataFrame(rows, columns=["prompt", "messages"]), self.tokenizer,
                                self.model_cfg, longest)
         with compute_in(self.model.device, getattr(self, "precision", torch.float32)):
@@ -178,6 +181,52 @@ def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> Any
         raise RegistryError(f"cannot load model {model_uri}: {exc.message}") from None
 
 
+def bad_request(message: str) -> MlflowException:
+    """An error in a request to the served model: MLflow's scoring server answers it with HTTP 400
+    and this message (any other exception would be a 400 that only says "unexpected error")."""
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def checked_max_new_tokens(value: Any, default: int, context: int | None) -> int:
+    """The `max_new_tokens` param of a request: absent (None) means the logged default; otherwise
+    an integer from 1 to the model's context length (a bool, a fraction or text is refused)."""
+    if value is None:
+        return int(default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"params.max_new_tokens must be an integer of at least 1, got {value!r}")
+    if value < 1:
+        raise bad_request(f"params.max_new_tokens must be at least 1, got {value}")
+    if context is not None and value > context:
+        raise bad_request(f"params.max_new_tokens must be at most {context} (the model's context length), got {value}")
+    return value
+
+
+def checked_rows(inputs: list[Any]) -> list[dict[str, Any]]:
+    """The request's inputs as data rows; a null, a non-text value or a prompt that shows nothing
+    (empty, whitespace, zero-width characters) is refused, naming its position."""
+    from rft_core.data.schemas import is_blank
+
+    rows = []
+    for position, text in enumerate(inputs):
+        where = f"input {position}" + (f" of {len(inputs)}" if len(inputs) > 1 else "")
+        if text is None or text is pd.NA or (isinstance(text, float) and math.isnan(text)):
+            raise bad_request(f"{where}: the prompt is null; send a string")
+        if not isinstance(text, str):
+            raise bad_request(f"{where}: the prompt must be a string, got {type(text).__name__} {text!r:.40}")
+        row = _as_row(text)
+        if is_blank(row["prompt"]):
+            what = "the last user message" if row["messages"] is not None else "the prompt"
+            raise bad_request(f"{where}: {what} is empty (nothing but whitespace or invisible characters)")
+        rows.append(row)
+    if not rows:
+        raise bad_request("no inputs: send at least one prompt")
+    return rows
+
+
 def _as_row(text: str) -> dict[str, Any]:
     """An input as a data row: a prompt, or (a JSON array of {role, content} messages, the last from
     the user, as the OpenAI format's `messages`) a conversation, rendered whole as evaluation does."""
@@ -205,9 +254,13 @@ def _model_section(settings: dict[str, Any]) -> Any:
 def _signature(max_new_tokens: int = 64) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
+    # Inputs are declared Any, not string: MLflow's scoring server turns a JSON null in a string
+    # column into the text "None" before the model sees it (np.array([None], str)), so a null
+    # prompt could not be refused. `checked_rows` requires text itself, with a 400 that says so.
     return ModelSignature(
-        inputs=Schema([ColSpec("string")]),
+        inputs=Schema([ColSpec(AnyType())]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", int(max_new_tokens))]),
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import random
 import socket
@@ -46,6 +48,8 @@ from rft_core.tracking.tags import (
     TAG_PARENT,
 )
 from rft_core.tracking.uri import mlflow_client
+
+logger = logging.getLogger("rft.tracking")
 
 
 def now_iso() -> str:
@@ -169,6 +173,26 @@ def set_alias(name: str, alias: str, version: int | str, *, tracking_uri: str | 
     client.set_registered_model_alias(name, alias, str(version))
 
 
+def lock_expiry(held: Any, lease_s: float) -> tuple[float, str | None]:
+    """(when the lock model `held` expires, None) from its expiry tag; when the tag is missing or not
+    a finite time (edited by hand, written by another tool), (its creation time + `lease_s`, why).
+
+    Such a lock is broken once a lease has passed since it was made: refusing it forever would
+    block every promotion until someone deletes it by hand, and breaking it at once could break
+    a live holder's lock; rft itself always writes a finite expiry.
+    """
+    raw = held.tags.get(LOCK_EXPIRES)
+    try:
+        expires = float(raw)
+    except (TypeError, ValueError):
+        expires = math.nan
+    if math.isfinite(expires):
+        return expires, None
+    created = (held.creation_timestamp or 0) / 1000
+    why = "it has no expiry tag" if raw is None else f"its expiry tag {LOCK_EXPIRES}={raw!r} is not a time"
+    return created + lease_s, f"{why}; treated as stale {lease_s:g}s after the lock was created"
+
+
 @contextlib.contextmanager
 def registry_lock(
     client: MlflowClient, name: str, *, lease_s: float = 60.0, timeout_s: float = 120.0
@@ -180,7 +204,8 @@ def registry_lock(
     fails with RESOURCE_ALREADY_EXISTS), on a sqlite file and through a tracking server alike.
     Tags and a tag-then-read-back lease are not: two writers can both read back their own tag.
     The lock model carries its owner and an expiry; a lock past its expiry (its holder died) is
-    deleted by the next waiter. Waiters retry with jittered exponential backoff up to `timeout_s`.
+    deleted by the next waiter, and so is one whose expiry cannot be read, one lease after it was
+    created, with a warning naming it (`lock_expiry`). Waiters retry with jittered exponential backoff up to `timeout_s`.
     Hold it only for the re-read of the champion and the alias/tag writes.
     """
     lock_name = name + LOCK_SUFFIX
@@ -204,7 +229,10 @@ def registry_lock(
         try:
             held = client.get_registered_model(lock_name)
             holder = held.tags.get(LOCK_OWNER)
-            if float(held.tags.get(LOCK_EXPIRES, "0")) < time.time():
+            expires, broken = lock_expiry(held, lease_s)
+            if expires < time.time():
+                if broken:
+                    logger.warning("breaking the promotion lock %r (held by %s): %s", lock_name, holder, broken)
                 client.delete_registered_model(lock_name)
                 continue
         except MlflowException as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import posixpath
 import re
 import subprocess
@@ -27,16 +28,23 @@ import pandas as pd  # already imported by mlflow; needed at runtime for a type 
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from rft_core.lifecycle import owner_alive, process_identity
 from rft_core.tracking.tags import (
     INPUT_FULL_DIGEST,
     KIND_PIPELINE,
     TAG_ATTEMPTS,
     TAG_CONFIG_DIGEST,
+    TAG_ENDED_BECAUSE,
     TAG_FLOW_RUN,
     TAG_GIT_COMMIT_RUN,
     TAG_GRADER_SANDBOX,
     TAG_KIND,
+    TAG_OWNER_HOST,
+    TAG_OWNER_PID,
+    TAG_OWNER_STARTED,
     TAG_PARENT,
+    TAG_REPLACED_BY,
+    TAG_REPLACES,
     TAG_STAGE,
 )
 from rft_core.tracking.uri import (
@@ -51,6 +59,8 @@ from rft_core.tracking.uri import (
 
 if TYPE_CHECKING:
     from rft_core.config import RFTConfig
+
+logger = logging.getLogger("rft.tracking")
 
 # MLflow's request limits (mlflow.utils.validation): batches are split to stay under them.
 _MAX_PARAMS_PER_BATCH = 100
@@ -116,6 +126,10 @@ def pipeline_run(
         keyed = {TAG_FLOW_RUN: flow_run_id} if flow_run_id else {}
         run_id = start_pipeline_run(cfg, tracking_uri=uri, run_name=run_name, tags={**keyed, **(tags or {})})
     with _ended(run_id, uri):
+        try:
+            end_abandoned_runs(run_id, tracking_uri=uri)
+        except MlflowException as exc:  # housekeeping: never the reason a pipeline fails
+            logger.warning("could not end the runs that killed processes left open: %s", exc)
         yield run_id
 
 
@@ -137,16 +151,67 @@ def stage_run(
 
 @contextlib.contextmanager
 def _ended(run_id: str, uri: str) -> Iterator[None]:
+    """End the run when the block ends: FINISHED, FAILED when it raises, KILLED when it was
+    interrupted (Ctrl-C, SIGTERM, a stop requested at a training step: `KeyboardInterrupt`)."""
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         # Not when the tracking store is what failed: ending the run would wait minutes on
         # MLflow's retries and then replace the original error with its own.
         with contextlib.suppress(Exception):
             check_tracking_available(uri)
-            end_run(run_id, "FAILED", tracking_uri=uri)
+            if isinstance(exc, KeyboardInterrupt):
+                why = f"stopped on request: {str(exc) or type(exc).__name__}"
+                set_tags(run_id, {TAG_ENDED_BECAUSE: why}, tracking_uri=uri)
+                end_run(run_id, "KILLED", tracking_uri=uri)
+            else:
+                end_run(run_id, "FAILED", tracking_uri=uri)
         raise
     end_run(run_id, "FINISHED", tracking_uri=uri)
+
+
+def owner_tags() -> dict[str, str]:
+    """The tags naming this process as the one that keeps a run open (`end_abandoned_runs`)."""
+    me = process_identity()
+    return {TAG_OWNER_HOST: me["host"], TAG_OWNER_PID: me["pid"], TAG_OWNER_STARTED: me["started"]}
+
+
+def end_abandoned_runs(replaced_by: str, *, tracking_uri: str | None = None) -> list[str]:
+    """End KILLED the runs of `replaced_by`'s experiment left RUNNING by a process of this host
+    that no longer exists (killed: `kill -9`, out of memory, power loss), and return their ids.
+
+    A run is abandoned when its owner tags (`owner_tags`) name a process of this host that is gone,
+    or a pid now held by a process that started later; runs of live processes and of other hosts
+    are left alone. Each gets the reason (`rft.ended_because`) and, when it ran the same config,
+    the run that replaces it (`rft.replaced_by`); `replaced_by` lists the pipeline runs it
+    replaces (`rft.replaces`). Their metrics stay where they were logged: the new run continues
+    from the checkpoints, and these links join the two."""
+    client = mlflow_client(tracking_uri)
+    new = client.get_run(replaced_by)
+    digest = new.data.tags.get(TAG_CONFIG_DIGEST)
+    running = client.search_runs(
+        [new.info.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    ended, replaced = [], []
+    for run in running:
+        tags = run.data.tags
+        owner = {"host": tags.get(TAG_OWNER_HOST, ""), "pid": tags.get(TAG_OWNER_PID, ""),
+                 "started": tags.get(TAG_OWNER_STARTED, "")}
+        if run.info.run_id == replaced_by or owner_alive(owner) is not False:
+            continue
+        why = {TAG_ENDED_BECAUSE: f"its process {owner['pid']} on {owner['host']} ended without closing it "
+               f"(killed); found by run {replaced_by}"}
+        if digest is not None and tags.get(TAG_CONFIG_DIGEST) == digest:
+            why[TAG_REPLACED_BY] = replaced_by
+            if tags.get(TAG_KIND) == KIND_PIPELINE:
+                replaced.append(run.info.run_id)
+        set_tags(run.info.run_id, why, tracking_uri=tracking_uri)
+        end_run(run.info.run_id, "KILLED", tracking_uri=tracking_uri)
+        ended.append(run.info.run_id)
+    if replaced:
+        previous = new.data.tags.get(TAG_REPLACES)
+        set_tags(replaced_by, {TAG_REPLACES: ",".join(filter(None, [previous, *replaced]))}, tracking_uri=tracking_uri)
+    return ended
 
 
 def ensure_experiment(name: str, *, tracking_uri: str | None = None) -> str:
@@ -184,7 +249,7 @@ def start_pipeline_run(
     uri = tracking_uri or resolve_tracking_uri(cfg)
     client = mlflow_client(uri)
     experiment_id = ensure_experiment(cfg.experiment, tracking_uri=uri)
-    run_tags = {TAG_KIND: KIND_PIPELINE, **config_tags(cfg)}
+    run_tags = {TAG_KIND: KIND_PIPELINE, **config_tags(cfg), **owner_tags()}
     commit = git_commit()
     if commit:
         run_tags[TAG_GIT_COMMIT_RUN] = commit
@@ -219,8 +284,10 @@ def find_pipeline_run(experiment: str, flow_run_id: str, *, tracking_uri: str | 
 
 
 def reopen_run(run_id: str, *, tracking_uri: str | None = None) -> None:
-    """Set a finished or failed run back to RUNNING (its flow run is being retried)."""
+    """Set a finished or failed run back to RUNNING (its flow run is being retried), owned by this
+    process from now on."""
     mlflow_client(tracking_uri).update_run(run_id, status="RUNNING")
+    set_tags(run_id, owner_tags(), tracking_uri=tracking_uri)
 
 
 _STAGE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -261,11 +328,11 @@ def start_stage_run(
     if existing is not None:
         attempts = int(client.get_run(existing).data.tags.get(TAG_ATTEMPTS, "1")) + 1
         client.update_run(existing, status="RUNNING")
-        client.set_tag(existing, TAG_ATTEMPTS, str(attempts))
+        set_tags(existing, {TAG_ATTEMPTS: str(attempts), **owner_tags()}, tracking_uri=tracking_uri)
         run_id = existing
     else:
         parent = client.get_run(parent_run_id)
-        tags = {TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_ATTEMPTS: "1"}
+        tags = {TAG_PARENT: parent_run_id, TAG_STAGE: stage, TAG_ATTEMPTS: "1", **owner_tags()}
         for key in (TAG_CONFIG_DIGEST, TAG_GIT_COMMIT_RUN):
             if key in parent.data.tags:
                 tags[key] = parent.data.tags[key]

@@ -21,6 +21,15 @@ TAG_REGRESSION_THRESHOLD = "regression.threshold"
 TAG_PARENT = "mlflow.parentRunId"  # MLflow's own: the UI nests child runs under it
 TAG_GIT_COMMIT_RUN = "mlflow.source.git.commit"  # the key MLflow's UI shows as the source version
 TAG_GRADER_SANDBOX = "rft.grader.sandbox"  # on a pipeline run: how python graders were isolated
+# The process that keeps a run open (pipeline and stage runs): a later run ends the run KILLED
+# when that process is gone (killed without closing it).
+TAG_OWNER_HOST = "rft.owner.host"
+TAG_OWNER_PID = "rft.owner.pid"
+TAG_OWNER_STARTED = "rft.owner.started"  # the owner's start time: a reused pid is another process
+TAG_ENDED_BECAUSE = "rft.ended_because"  # on a run ended KILLED: why (stopped on request, owner gone)
+TAG_REPLACED_BY = "rft.replaced_by"  # on a run its owner abandoned: the pipeline run that ended it
+TAG_REPLACES = "rft.replaces"  # on a pipeline run: the abandoned pipeline runs it ended (comma-separated)
+TAG_GUARD = "rft.guard"  # on the rl run and its pipeline run: what the RL guard did, a line per event
 
 KIND_PIPELINE = "pipeline"
 KIND_REGRESSION = "regression-evaluation"
@@ -38,6 +47,11 @@ GATE_METRIC = "gate.metric"
 GATE_CHAMPION_VERSION = "gate.champion_version"
 GATE_CHAMPION_VALUE = "gate.champion_value"
 GATE_TIME = "gate.time"
+GATE_RULE = "gate.rule"  # the gate rule that decided (tracking.gate: RULE_*)
+GATE_HISTORY = "gate.history"  # every decision on the version, oldest first (JSON list): the audit trail
+GATE_HISTORY_LIMIT = 100
+START_METRIC_TAG_PREFIX = "start_metric."  # + metric key: the value for the model training started from
+TAG_WEIGHTS_FINITE = "weights_finite"  # "true" / "false": every registered weight is a finite number
 ROLLED_BACK = "rollback.demoted_at"
 
 # Registered model tags.

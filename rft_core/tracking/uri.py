@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import sqlite3
+import stat
 import threading
 import urllib.error
 import urllib.request
@@ -19,7 +21,8 @@ from typing import TYPE_CHECKING
 import mlflow
 from mlflow import MlflowClient
 
-from rft_core.tracking.errors import TrackingUnavailable
+from rft_core.files import kind_of
+from rft_core.tracking.errors import TrackingStoreUnusable, TrackingUnavailable
 
 if TYPE_CHECKING:
     from rft_core.config import RFTConfig
@@ -97,6 +100,55 @@ def check_tracking_available(tracking_uri: str, timeout_s: float = 5.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise TrackingUnavailable(tracking_uri, f"cannot create {db.parent}: {exc}") from None
+        if (problem := sqlite_store_problem(db)) is not None:
+            raise TrackingStoreUnusable(
+                tracking_uri,
+                f"{problem}: move it aside (the next run starts a new store there) or point "
+                "tracking.tracking_uri / MLFLOW_TRACKING_URI at the right store",
+            )
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def sqlite_store_problem(db: Path) -> str | None:
+    """What makes the file at `db` unusable as an SQLite store, or None (a missing or empty file is
+    fine: SQLite and MLflow create the store). Checked before MLflow opens it, because MLflow's
+    answer to a damaged store is a SQLAlchemy traceback from inside its schema migration."""
+    try:
+        info = db.stat()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{db} cannot be read: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{db} is {kind_of(info.st_mode)}, not an SQLite database file"
+    if info.st_size == 0:
+        return None
+    try:
+        with open(db, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        return f"{db} cannot be read: {exc.strerror or exc}"
+    if header != SQLITE_HEADER:
+        return f"{db} is not an SQLite database (its first bytes are {header[:8]!r})"
+    try:
+        # Read-only, no journal created: the schema page and a structural check of every page.
+        connection = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            verdict = connection.execute("PRAGMA quick_check(1)").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):  # another process is writing: the store itself is fine
+            return None
+        return f"{db} is a damaged SQLite database ({exc})"
+    except sqlite3.DatabaseError as exc:
+        return f"{db} is a damaged SQLite database ({exc})"
+    if verdict and verdict[0] != "ok":
+        return f"{db} is a damaged SQLite database (quick_check: {' '.join(str(verdict[0]).split())})"
+    return None
 
 
 _MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
