@@ -4,7 +4,7 @@ Life of a job: `validating_files` (its files checked as `rft validate` does, in 
 `queued` -> `running` (a worker process, `python -m rft.api.worker`, runs the pipeline flow on the
 job's config; at most `max_concurrent_jobs` at once, oldest first) -> `succeeded` or `failed` (the
 worker records its own outcome). `pause` and `cancel` stop the worker the way a person stops
-`rft run` (SIGTERM to its process group: the training stage stops and its last checkpoint stays)
+`rft run` (SIGTERM to its process group: training stops at its next step with a checkpoint)
 and record `paused` / `cancelled`; `resume` queues the job again, and its rerun of the same config
 resumes from the last checkpoint (stage caching plus checkpoints, as `rft run` resumes).
 

@@ -108,9 +108,14 @@ def finish_from_tracking(settings: ServerSettings, store: Store, job: Job) -> No
     finish(settings, store, job, cfg, summary)
 
 
+EXIT_STOPPED = 130  # as `rft run` exits when stopped
+RESUMABLE_CODES = ("interrupted", "orchestrator_unavailable")
+
+
 def fail(store: Store, job_id: str, code: str, message: str) -> None:
+    """Record a failure, unless the server changed the job's status meanwhile (paused, cancelled)."""
     if store.transition(job_id, ("running",), "failed", error={"code": code, "message": message, "param": None},
-                        finished_at=now(), resumable=True if code == "interrupted" else None):
+                        finished_at=now(), resumable=True if code in RESUMABLE_CODES else None):
         store.add_event(job_id, message, level="error")
 
 
@@ -126,12 +131,21 @@ def run(settings: ServerSettings, job_id: str) -> int:
     _quiet_libraries()
     cfg = read_config(settings, job_id)
     from flows.pipeline import rft_pipeline
+    from flows.server import ServerError, prefect_api
+    from rft_core.lifecycle import stop_on_signals
 
+    # As `rft run` runs it: SIGTERM/SIGINT (pause, cancel) stop training at its next step with a
+    # checkpoint and end the MLflow runs KILLED; the Prefect API is PREFECT_API_URL's, else a
+    # temporary server this process owns.
     try:
-        summary = rft_pipeline(config=cfg)
-    except (KeyboardInterrupt, SystemExit):
-        fail(store, job_id, "interrupted", f"The job's run was interrupted; {RESUMABLE_NOTE.format(id=job_id)}.")
-        raise
+        with stop_on_signals(), prefect_api():
+            summary = rft_pipeline(config=cfg)
+    except KeyboardInterrupt as exc:  # a stop request (TrainingStopped) or an interrupt
+        fail(store, job_id, "interrupted", f"The job's run was stopped ({exc}); {RESUMABLE_NOTE.format(id=job_id)}.")
+        return EXIT_STOPPED
+    except ServerError as exc:
+        fail(store, job_id, "orchestrator_unavailable", f"{exc}; {RESUMABLE_NOTE.format(id=job_id)}.")
+        return 1
     except BaseException as exc:
         traceback.print_exc()
         fail(store, job_id, "training_failed", f"{type(exc).__name__}: {exc}")
