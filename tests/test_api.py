@@ -163,6 +163,12 @@ def worker_pids(data_dir: Path) -> dict[str, int]:
     return {job.id: job.data["pid"] for job in Store(data_dir / "api.sqlite").list_jobs() if job.data.get("pid")}
 
 
+def worker_of(data_dir: Path, job_id: str) -> int:
+    """The pid of the job's worker once the server has recorded it (a job reads 'running' a moment before its
+    worker's pid is on it: the server starts the worker after taking the job)."""
+    return wait_for(lambda: worker_pids(data_dir).get(job_id), timeout=30, what=f"the worker of {job_id}")
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -788,7 +794,7 @@ def test_kill_9_of_the_server_leaves_the_job_running_a_dead_worker_fails_it_resu
     wait_for(lambda: has_checkpoint(client, job.id), what="a first checkpoint")
     files_before = {f.id for f in client.files.list()}
     jobs_before = {j.id for j in client.fine_tuning.jobs.list(limit=100)}
-    worker = worker_pids(server.data_dir)[job.id]
+    worker = worker_of(server.data_dir, job.id)
 
     server.kill9()  # the worker runs in its own session: it goes on
     assert alive(worker)
@@ -805,7 +811,7 @@ def test_kill_9_of_the_server_leaves_the_job_running_a_dead_worker_fails_it_resu
     assert failed.error.code == "worker_stopped" and "can be resumed" in failed.error.message
     assert client.fine_tuning.jobs.resume(job.id).status == "queued"
     wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "running", what="the job to run again")
-    worker = worker_pids(server.data_dir)[job.id]
+    worker = worker_of(server.data_dir, job.id)
 
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
@@ -825,7 +831,7 @@ def test_pause_resume_then_kill_9_of_server_and_worker_resume_from_the_last_chec
 ):
     job = long_rl_job(client, data_files, supervised[1].fine_tuned_model, "pause")
     wait_for(lambda: has_checkpoint(client, job.id), what="a first checkpoint")
-    worker = worker_pids(server.data_dir)[job.id]
+    worker = worker_of(server.data_dir, job.id)
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
     wait_for(lambda: not alive(worker), timeout=60, what="the paused worker to stop")
@@ -841,7 +847,7 @@ def test_pause_resume_then_kill_9_of_server_and_worker_resume_from_the_last_chec
     assert "resuming RL from" in log and f"(iteration {kept})" in log
 
     # A crash of the whole machine, as it were: the server and the worker, both kill -9.
-    worker = worker_pids(server.data_dir)[job.id]
+    worker = worker_of(server.data_dir, job.id)
     server.kill9()
     os.killpg(worker, signal.SIGKILL)
     wait_for(lambda: not alive(worker), timeout=30, what="the worker to die")
