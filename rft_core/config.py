@@ -471,7 +471,11 @@ class GraderConfig(Section):
     workers: int = Field(
         0, ge=0, description="Grading processes (0: in-process, except the python grader)."
     )
-    timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one python-grader call.")
+    timeout_s: float = Field(
+        10.0, gt=0.0,
+        description="Time limit of one python-grader call, end to end: loading the grader's source "
+        "(its imports) included.",
+    )
     memory_mb: int = Field(1024, ge=64, description="Memory limit of the python-grader process.")
     max_error_share: float = Field(
         0.2, ge=0.0, le=1.0,
