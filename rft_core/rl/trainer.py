@@ -326,7 +326,7 @@ class RLTrainer:
         input_ids, attention_mask, width = batch.minibatch(rows)
         logprobs, values, _ = self.model(
             input_ids.to(device), attention_mask.to(device), width, Sampling.of(rl), self.group,
-            with_entropy=False, critic_only=critic_only,
+            with_entropy=False, detach_value=critic_only or rl.critic_detached,
         )
 
         def rollout_side(t: torch.Tensor) -> torch.Tensor:  # what the rollout computed for these tokens
