@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from rft.api.command import api_cmd
 from rft.grade import grade_cmd
 from rft.registry import models_cmd, promote_cmd, rollback_cmd
 from rft.run import run_cmd, train_cmd
@@ -28,6 +29,7 @@ app.command("promote", help="Move the champion alias to a version (through the g
 )
 app.command("rollback", help="Move the champion alias back to the previous champion.")(rollback_cmd)
 app.command("models", help="List a registered model's versions, aliases and metrics.")(models_cmd)
+app.command("api", help="Serve OpenAI's fine-tuning API (files, jobs, graders, chat) for the openai SDK.")(api_cmd)
 app.command("serve", help="Serve the deployments of deployments/prefect.yaml from this process, on their schedules.")(
     serve_cmd
 )
