@@ -141,36 +141,61 @@ def connected(cfg: RFTConfig) -> Iterator[None]:
     quiet = logging.getLogger("ray._private.authentication.authentication_token_setup")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # "token authentication is enabled" on every local start
-    reaper = None
+    reaper, before = None, _children(os.getpid())
     try:
-        if address is None:
-            # Room for every process whatever the core count: a one-CPU reservation each.
-            cpus = max(os.cpu_count() or 1, compute.local_processes(cfg))
-            before = _children(os.getpid())
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            reaper = _start_reaper(_children(os.getpid()) - before)
-        else:
-            if (problem := compute.cluster_problem(address)) is not None:
-                raise RayUnavailable(problem)
+        # Outermost: a SIGTERM kept pending while Ray started comes once its handler is back (and
+        # an interrupt then still shuts the instance down, below).
+        with _group_signals_spared() if address is None else contextlib.nullcontext():
             try:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-            except Exception as exc:  # ConnectionError, AuthenticationError, a version mismatch: Ray's words
-                raise RayUnavailable(
-                    f"compute.address {address}: cannot connect to the Ray cluster: {exc} (a cluster with token "
-                    "authentication, Ray's default, needs its token here: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN "
-                    "or RAY_AUTH_TOKEN_PATH in this process's environment)"
-                ) from None
-    finally:
-        quiet.setLevel(level)
-        if main and sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
-    try:
+                if address is None:
+                    # Room for every process whatever the core count: a one-CPU reservation each.
+                    cpus = max(os.cpu_count() or 1, compute.local_processes(cfg))
+                    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                             logging_level=logging.WARNING)
+                else:
+                    if (problem := compute.cluster_problem(address)) is not None:
+                        raise RayUnavailable(problem)
+                    try:
+                        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                    except Exception as exc:  # ConnectionError, AuthenticationError, a version mismatch: Ray's words
+                        raise RayUnavailable(
+                            f"compute.address {address}: cannot connect to the Ray cluster: {exc} (a cluster with "
+                            "token authentication, Ray's default, needs its token here: RAY_AUTH_MODE=token with "
+                            "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH in this process's environment)"
+                        ) from None
+            finally:
+                quiet.setLevel(level)
+                if main and sigterm is not None:
+                    signal.signal(signal.SIGTERM, sigterm)
+            if address is None:
+                reaper = _start_reaper(_children(os.getpid()) - before)
         yield
     finally:
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
         if reaper is not None:
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 reaper.communicate(b"done", timeout=10)  # the instance is down: nothing to reap
+
+
+@contextlib.contextmanager
+def _group_signals_spared() -> Iterator[None]:
+    """Start a Ray instance in the block whose processes ignore the stop signals sent to this
+    process's whole group: they inherit SIGTERM blocked (Ray blocks SIGINT in them itself, for
+    Ctrl-C at a terminal). A Prefect worker cancelling a flow run, `kill -TERM -PGID`, a terminal's
+    group all signal every process of the group at once: the driver must stop training at its next
+    step with a checkpoint (`lifecycle`), which needs the instance alive until then; the driver
+    then shuts the instance down itself (`connected`). (A signal mask is kept across fork and exec,
+    and the raylet passes it on to the workers it starts.)"""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: no process groups to signal
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        # A SIGTERM that came meanwhile was kept pending: it is handled here, as a stop request.
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # Runs as `python -c <this> PIDS`: the Ray instance this process started (PIDS, and what they start)
@@ -216,6 +241,7 @@ def reap(*_):
                     pass
     os._exit(0)
 signal.signal(signal.SIGTERM, reap)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # started while its starter blocked it
 def watch():
     while True:
         scan()

@@ -5,9 +5,10 @@ and worker for the deployed flow), real MLflow, tiny models.
 
 What they prove: two processes (on one machine, or one on each of two nodes) end with the weights
 and metrics of one process (the tolerance of tests/test_distributed.py), with the same stage keys
-and one MLflow stage run each; a stop request (SIGINT) stops every process at one step with a
-checkpoint and the rerun resumes to the same weights; a rank that raises or is killed fails the
-stage naming it, leaves no process behind, and `prefect flow-run retry` resumes and completes.
+and one MLflow stage run each; a stop request (SIGINT or SIGTERM to the driver's process group) stops
+every process at one step with a checkpoint and the rerun resumes to the same weights; a rank that
+raises or is killed fails the stage naming it, leaves no process behind, and `prefect flow-run
+retry` resumes and completes.
 """
 
 from __future__ import annotations
@@ -185,9 +186,17 @@ def test_two_processes_on_this_machine_train_the_pipeline_as_one_process_does(on
     assert not ray_children(os.getpid())
 
 
+@pytest.mark.parametrize(
+    ("sig", "resume"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["ctrl-c-to-the-group", "sigterm-to-the-group"],
+)
 def test_a_stop_request_stops_every_process_at_one_step_and_the_rerun_resumes_to_the_same_weights(
-    one_process, tmp_path
+    one_process, tmp_path, sig, resume
 ):
+    # The signal goes to the driver's whole process group, as Ctrl-C at a terminal sends SIGINT and
+    # a Prefect worker cancelling a flow run sends SIGTERM: the local Ray instance's processes are in
+    # that group and must outlive it until every rank has stopped at its step with a checkpoint.
     one, _ = one_process
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(config_dict(tmp_path / "out", {"processes": 2})))
@@ -197,13 +206,13 @@ def test_a_stop_request_stops_every_process_at_one_step_and_the_rerun_resumes_to
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = tmp_path / "stopped.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not re.search(r"rl ([3-9]|1[01])/12 iterations", log.read_text()):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, sig)
         assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
     finally:
         proc.kill()
@@ -216,6 +225,10 @@ def test_a_stop_request_stops_every_process_at_one_step_and_the_rerun_resumes_to
     ranks = re.findall(r"rank (\d): pid (\d+)", text)
     assert {r for r, _ in ranks} == {"0", "1"}
     assert not wait_gone({int(pid) for _, pid in ranks}, timeout_s=30)  # no rank left behind
+    assert f"{sig.name}: stopping after the current training step" in text
+    assert "Traceback" not in text
+    if not resume:  # the rerun is the same for either signal: once is enough
+        return
 
     # The same command resumes from the checkpoint, and ends with the straight one-process weights.
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
