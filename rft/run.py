@@ -93,14 +93,32 @@ def run_cmd(
         raise fail(str(exc)) from None
     except ServerError as exc:
         raise fail(str(exc)) from None
+    except guard_errors() as exc:  # training met what rft refuses to go on with; the message says what to change
+        raise fail(str(exc)) from None
     except ComputeError as exc:  # a stage's processes failed or could not start (rank, error)
-        raise fail(f"{exc}\nResume with: {resume_command(config, set_, as_json)}") from None
+        resume = f"\nResume with: {resume_command(config, set_, as_json)}" if resumable(exc) else ""
+        raise fail(f"{exc}{resume}") from None
     except KeyboardInterrupt as exc:
         raise stopped(exc, resume_command(config, set_, as_json)) from None
     if as_json:
         typer.echo(json.dumps(summary, indent=1, default=str))
         return
     print_summary(summary)
+
+
+def guard_errors() -> tuple[type[BaseException], ...]:
+    """rft's own stops on what training met (non-finite numbers, a grader failing on most samples):
+    one `error:` line, as for a stage on several processes (`rft_core.launch`), never a traceback.
+    (Imported when an error is matched: rft_core.guards imports torch.)"""
+    from rft_core.guards import GraderFailing, TrainingDiverged
+
+    return TrainingDiverged, GraderFailing
+
+
+def resumable(exc: BaseException) -> bool:
+    """Whether rerunning the same command goes on from the failed stage's last checkpoint (not
+    when a rank of it stopped on one of rft's guards: it would stop the same way)."""
+    return getattr(exc, "resumable", True)
 
 
 EXIT_STOPPED = 130  # 128 + SIGINT, what a shell reports for a command stopped with Ctrl-C
@@ -207,8 +225,11 @@ def train_cmd(
                 result, main = _train_on_ray(stage, cfg, init_model, out), True
     except KeyboardInterrupt as exc:
         raise stopped(exc, "the same command (it resumes from the last checkpoint)") from None
+    except guard_errors() as exc:  # training met what rft refuses to go on with; the message says what to change
+        raise fail(str(exc)) from None
     except compute.ComputeError as exc:  # the stage's processes failed or could not start
-        raise fail(f"{exc} (the same command resumes from the last checkpoint)") from None
+        resume = " (the same command resumes from the last checkpoint)" if resumable(exc) else ""
+        raise fail(f"{exc}{resume}") from None
     except ConfigError as exc:  # settings that do not split over the processes Ray gave
         raise fail(str(exc)) from None
     if main:

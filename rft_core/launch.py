@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,7 @@ from ray.train.torch import TorchTrainer
 from rft_core import compute, progress
 from rft_core.compute import ComputeError, StageJob
 from rft_core.config import ConfigError, RFTConfig
+from rft_core.guards import GraderFailing, TrainingDiverged
 from rft_core.lifecycle import TrainingStopped, deferring_stops, die_with_parent, request_stop, stop_requested
 from rft_core.training import StageResult
 
@@ -76,9 +77,12 @@ class RayUnavailable(ComputeError):
 class StageProcessFailed(ComputeError):
     """A training process of a stage failed (died or raised); the stage failed with it."""
 
-    def __init__(self, message: str, rank: int | None = None):
+    def __init__(self, message: str, rank: int | None = None, resumable: bool = True):
         super().__init__(message)
         self.rank = rank
+        # False when the rank stopped on one of rft's own guards (diverged, a failing grader): the
+        # same command would fail the same way; the error says what to change.
+        self.resumable = resumable
 
 
 class StageStartTimeout(ComputeError):
@@ -602,18 +606,8 @@ class _Stage:
         stage, world = self.job.stage, self.workers.world
         if not isinstance(exc, WorkerGroupError):
             return StageProcessFailed(f"{stage} on {world} processes failed in Ray: {type(exc).__name__}: {exc}")
-        failures = exc.worker_failures
-        causes = {rank: error for rank, error in failures.items() if not _lost_peer(error)} or failures
-        rank = min(causes)
-        error = causes[rank]
-        message = f"{stage} failed on rank {rank} of {world}{self.where(rank)}: {_describe(error)}"
-        others = sorted(set(range(world)) - {rank})
-        if others:
-            message += (f"; ranks {', '.join(map(str, others))} were stopped with it" if len(others) > 1
-                        else f"; rank {others[0]} was stopped with it")
-        logger.error("%s\n%s", message, _snippet(exc, rank))
-        failure = StageProcessFailed(message, rank)
-        failure.__cause__ = error if isinstance(error, BaseException) else None
+        failure = rank_failure(stage, world, exc.worker_failures, self.where)
+        logger.error("%s\n%s", failure, _snippet(exc, failure.rank))
         return failure
 
     def start_timeout(self) -> StageStartTimeout:
@@ -627,9 +621,38 @@ class _Stage:
         )
 
 
+def rank_failure(
+    stage: str, world: int, failures: Mapping[int, BaseException], where: Callable[[int], str] = lambda rank: ""
+) -> StageProcessFailed:
+    """The stage's error for the ranks' errors (`failures`, by rank): the first rank that failed of
+    itself (not from losing a peer) with its error, the ranks that failed the same way, the ones
+    stopped with it; resumable unless the error is one of rft's guards. `where(rank)` places a rank
+    (" (pid 42 on host)")."""
+    causes = {rank: error for rank, error in failures.items() if not _lost_peer(error)} or dict(failures)
+    rank = min(causes)
+    error = causes[rank]
+    said = _describe(error)
+    message = f"{stage} failed on rank {rank} of {world}{where(rank)}: {said}"
+    # Ranks that met the same error at the same step (a guard every rank agrees on, e.g. non-finite
+    # weights) failed with it; the others were stopped because of it.
+    same = sorted(r for r, e in causes.items() if r != rank and _describe(e) == said)
+    stopped = sorted(set(range(world)) - {rank} - set(same))
+    for ranks, one, several in ((same, "failed the same way", "failed the same way"),
+                                (stopped, "was stopped with it", "were stopped with it")):
+        if ranks:
+            message += (f"; ranks {', '.join(map(str, ranks))} {several}" if len(ranks) > 1
+                        else f"; rank {ranks[0]} {one}")
+    failure = StageProcessFailed(message, rank, resumable=not isinstance(error, _GUARDS))
+    failure.__cause__ = error
+    return failure
+
+
 def _resources(resources: Mapping[str, float]) -> str:
     return json.dumps({k: v for k, v in sorted(resources.items()) if k in ("CPU", "GPU")})
 
+
+# rft's own stops on what training met (`guards`): rerunning the same config meets it again.
+_GUARDS = (TrainingDiverged, GraderFailing)
 
 # A rank whose peer died fails in its next collective with one of these: a consequence, not a cause.
 _LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",

@@ -6,6 +6,7 @@ default start (the sft stage's result). The runs on Ray are in tests/test_ray.py
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -244,3 +245,93 @@ def test_rft_train_rl_starts_from_the_sft_stage_s_result_by_default(tmp_path, mo
     rl_dir = Path(json.loads(result.stdout[result.stdout.index("{"):])["model_dir"]).parent
     start = json.loads((rl_dir / "checkpoints" / "step-1" / "state.json").read_text())["settings"]["start_model"]
     assert Path(start).parent == tmp_path / "out" / "cache" and Path(start).name.startswith("tiny-")
+
+
+# --------------------------------------------------------------------------- rft's guards, from the CLI
+
+
+def tiny_config_file(tmp_path: Path, *overrides: str) -> Path:
+    from training_fixtures import TINY
+
+    raw: dict = {"output_dir": str(tmp_path / "out")}
+    for override in [*TINY, "model.tiny.pretrain_steps=2", *overrides]:
+        key, value = override.split("=", 1)
+        node = raw
+        *path, last = key.split(".")
+        for name in path:
+            node = node.setdefault(name, {})
+        node[last] = yaml.safe_load(value)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+@pytest.mark.parametrize(
+    ("stage", "overrides", "expected"),
+    [
+        ("sft", ["sft.lr=1e30", "sft.max_steps=2"], r"error: sft step 1: non-finite .*Lower sft\.lr \(now 1e\+30\)"),
+        ("rl", ["sft.enabled=false", "rl.lr=1e30", "rl.iterations=2"],
+         r"error: RL iteration 1: non-finite .*Lower rl\.lr \(now 1e\+30\)"),
+        ("rl", ["sft.enabled=false", "rl.iterations=2", "grader.spec.type=python",
+                "grader.spec.source=\"def grade(sample, item):\\n    raise ValueError('no grade')\\n\""],
+         r"error: RL iteration 1: the grader failed on 8 of 8 samples \(100%"),
+    ],
+    ids=["sft-diverges", "rl-diverges", "grader-fails"],
+)
+def test_a_stage_stopped_by_a_guard_in_this_process_is_one_error_line_without_a_resume_hint(
+    tmp_path, monkeypatch, stage, overrides, expected
+):
+    # In one process as on several (tests/test_ray.py): the guard's message, exit 2, no traceback,
+    # and no "resume" hint (the same command would stop the same way; the message says what to change).
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = tiny_config_file(tmp_path, *overrides)
+    result = CliRunner().invoke(app, ["train", stage, "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(expected, errors[0]), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "resume" not in errors[0]
+
+
+# --------------------------------------------------------------------------- a failed rank, in words
+
+
+def _ranks_errors():
+    from ray.exceptions import ActorDiedError
+
+    from rft_core.guards import GraderFailing, TrainingDiverged
+
+    diverged = "RL iteration 3: non-finite weights after an optimizer step at lr 1e+30; Lower rl.lr"
+    lost = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234")
+    return {
+        "a guard on every rank": ({0: TrainingDiverged(diverged), 1: TrainingDiverged(diverged)}, 2,
+                                  "rl failed on rank 0 of 2: TrainingDiverged: " + diverged
+                                  + "; rank 1 failed the same way", False),
+        "a grader on some ranks": ({1: GraderFailing("RL iteration 1: the grader failed"), 2: lost, 3: lost}, 4,
+                                   "rl failed on rank 1 of 4: GraderFailing: RL iteration 1: the grader failed; "
+                                   "ranks 0, 2, 3 were stopped with it", False),
+        "a killed rank, its peer lost": ({0: lost, 1: ActorDiedError()}, 2,
+                                         "rl failed on rank 1 of 2: its process died without an error of its own "
+                                         "(killed, e.g. by kill -9 or the out-of-memory killer, or crashed); "
+                                         "rank 0 was stopped with it", True),
+        "an exception on one rank of three": ({2: ValueError("bad row\nsecond line")}, 3,
+                                              "rl failed on rank 2 of 3: ValueError: bad row; ranks 0, 1 were "
+                                              "stopped with it", True),
+        "only lost peers": ({1: lost}, 2, f"rl failed on rank 1 of 2: RuntimeError: {lost}; rank 0 was stopped "
+                                          "with it", True),
+    }
+
+
+CASES = ["a guard on every rank", "a grader on some ranks", "a killed rank, its peer lost",
+         "an exception on one rank of three", "only lost peers"]
+
+
+@needs_ray
+@pytest.mark.parametrize("case", CASES)
+def test_a_failed_stage_names_the_rank_that_failed_first_and_what_the_others_did(case):
+    from rft_core.launch import rank_failure
+
+    failures, world, message, resumable = _ranks_errors()[case]
+    failure = rank_failure("rl", world, failures)
+    assert str(failure) == message
+    assert failure.resumable is resumable  # not after a guard: the same config stops the same way
+    assert failure.__cause__ is failures[failure.rank]
