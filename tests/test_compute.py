@@ -296,7 +296,7 @@ def test_a_stage_stopped_by_a_guard_in_this_process_is_one_error_line_without_a_
 
 
 def _ranks_errors():
-    from ray.exceptions import ActorDiedError
+    from ray.exceptions import ActorDiedError, OutOfMemoryError
 
     from rft_core.guards import GraderFailing, TrainingDiverged
 
@@ -316,13 +316,16 @@ def _ranks_errors():
         "an exception on one rank of three": ({2: ValueError("bad row\nsecond line")}, 3,
                                               "rl failed on rank 2 of 3: ValueError: bad row; ranks 0, 1 were "
                                               "stopped with it", True),
+        "a rank out of memory": ({0: lost, 1: OutOfMemoryError("the node ran low on memory")}, 2,
+                                 "rl failed on rank 1 of 2: its process ran out of memory (Ray's memory monitor "
+                                 "killed it): the node ran low on memory; rank 0 was stopped with it", True),
         "only lost peers": ({1: lost}, 2, f"rl failed on rank 1 of 2: RuntimeError: {lost}; rank 0 was stopped "
                                           "with it", True),
     }
 
 
 CASES = ["a guard on every rank", "a grader on some ranks", "a killed rank, its peer lost",
-         "an exception on one rank of three", "only lost peers"]
+         "an exception on one rank of three", "a rank out of memory", "only lost peers"]
 
 
 @needs_ray
