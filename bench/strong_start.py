@@ -37,7 +37,7 @@ PANELS = (
     ("entropy (nats/token)", ("entropy",)),
     ("approx_kl of the update", ("approx_kl",)),
     ("clip fraction", ("clipfrac",)),
-    ("critic: value loss, explained variance", ("value_loss", "explained_variance")),
+    ("critic: value loss, explained variance, value mean", ("vf_loss", "explained_variance", "value_mean")),
     ("advantage mean / std", ("advantage_mean", "advantage_std")),
     ("response length (tokens)", ("response_length",)),
     ("share of flat prompt groups", ("flat_groups",)),

@@ -36,7 +36,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 from rft_core.config import RFTConfig  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# A target of their own (`python -m pytest -m ray`, which CI runs after the suite): real Ray clusters
+# and several training processes take minutes that would push the suite past its 20 minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 
 # SFT: 4 steps of 8 sequences (4 per process on two); PPO: 12 iterations of 4 prompts x 2 samples,
 # a checkpoint after each (a stop or a killed rank loses at most one).
