@@ -8,9 +8,10 @@ advantage mean and std, response length, the share of prompt groups with no rewa
 validation accuracy (every `--eval-interval` iterations). The learning rate is held constant over the
 window (`rl.lr_scheduler=constant`): the first 40-60 iterations of learning.py's 400-iteration cosine
 sit within 5 % of its peak. Writes the JSON (one list of per-iteration dicts per variant) and one PNG
-per variant (nine panels).
+per variant (nine panels). `--continue-sft LR` adds the control: one more epoch of SFT on the same
+worked solutions at that constant lr, validated every 8 steps (does any training knock the model down?).
 
-    python bench/strong_start.py --seed 10 --iterations 40 \
+    python bench/strong_start.py --seed 10 --iterations 40 --continue-sft 5e-5 --continue-sft 2e-4 \
         --variant old="rl.lr=2e-4" --variant new="rl.lr=5e-5,rl.filter_flat_groups=true" \
         --out bench/results/strong_start.json --plots bench/results/strong_start
 """
@@ -95,8 +96,11 @@ def main() -> None:
     parser.add_argument("--keep-schedule", action="store_true",
                         help="keep the config's lr schedule and iterations' meaning (no constant lr)")
     parser.add_argument("--k", type=int, default=8, help="pass@k of the SFT model (sampled, eval.temperature)")
+    parser.add_argument("--continue-sft", action="append", default=[], metavar="LR",
+                        help="the control: one more SFT epoch on the same worked solutions from the SFT model, "
+                        "at this constant lr, validated every 8 steps (repeat for several lrs)")
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variant] or [("defaults", [])]
+    variants = [parse_variant(v) for v in args.variant]
 
     import torch
 
@@ -135,6 +139,19 @@ def main() -> None:
         out["sft_best"] = start["accuracy"]
         out["sft_metrics"] = {k: v for k, v in start.items() if isinstance(v, int | float)}
         print(f"seed {seed} {regime}: SFT {json.dumps(out['sft_metrics'])}", flush=True)
+        for lr in args.continue_sft:
+            # Does any further training at this lr knock an annealed SFT model down, or only RL?
+            ccfg = RFTConfig.load(args.config, [
+                *common, f"sft.lr={lr}", "sft.lr_scheduler=constant", "sft.warmup_ratio=0", "sft.epochs=1",
+                "sft.eval_interval=8", "sft.keep_best=false",
+            ])
+            more = run_sft(ccfg, train, val, sft.model_dir, work / f"sft-continued-{lr}", grader=grader)
+            curve = [(h["step"], h["val_accuracy"]) for h in more.history if "val_accuracy" in h]
+            out.setdefault("continued_sft", {})[lr] = {"curve": curve, "min_val_accuracy": min(a for _, a in curve)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1))
+            print(f"SFT on at lr {lr}: min {100 * min(a for _, a in curve):5.1f}  curve "
+                  f"{' '.join(f'{100 * a:.0f}' for _, a in curve)}", flush=True)
         for name, overrides in variants:
             schedule = [] if args.keep_schedule else ["rl.lr_scheduler=constant"]
             vcfg = RFTConfig.load(args.config, [
