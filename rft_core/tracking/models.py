@@ -329,6 +329,22 @@ def log_model(
     return info.model_uri
 
 
+def logged_model_exists(model_uri: str, *, tracking_uri: str | None = None) -> bool:
+    """Whether this store holds the model `log_model` returned as `model_uri` (`models:/<model id>`,
+    or `runs:/<run id>/<name>` of older runs): a URI from another store names nothing here."""
+    client = mlflow_client(tracking_uri)
+    try:
+        if model_uri.startswith("runs:/"):
+            client.get_run(model_uri[len("runs:/"):].split("/", 1)[0])
+        elif model_uri.startswith("models:/") and "@" not in model_uri and model_uri.count("/") == 1:
+            client.get_logged_model(model_uri[len("models:/"):])
+        else:
+            return False
+    except MlflowException:
+        return False
+    return True
+
+
 def download_model(
     model_uri: str, dst_path: str | Path | None = None, *, tracking_uri: str | None = None
 ) -> Path:
