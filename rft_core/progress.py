@@ -2,7 +2,9 @@
 two displays.
 
 A loop opens `progress(task, total, unit)` and calls `update(done, **latest)` as it goes (latest:
-the figures worth watching, e.g. loss or reward). What shows is decided by whoever runs the loop,
+the figures worth watching, e.g. loss or reward). Work that the count does not show (a validation,
+a checkpoint, the phase a loop is in) is named with `note(text)`, or `with doing(text):` for the
+time it takes, so that a bar sitting at 49/50 says what it waits for. What shows is decided by whoever runs the loop,
 not by the loop: by default plain log lines on the `rft.progress` logger, about ten per task
 plus the last one, with rate and time left (what Prefect's logs, CI and files want); a command
 running on a terminal installs a live display instead (`set_reporter`, see `rft/progress.py`).
@@ -28,6 +30,8 @@ class Reporter(Protocol):
     def update(self, handle: Any, done: int, latest: Mapping[str, float]) -> None: ...
 
     def finish(self, handle: Any) -> None: ...
+
+    # Optional: `note(handle, text)` names the work going on beside the count (None: nothing).
 
 
 def format_latest(latest: Mapping[str, float]) -> str:
@@ -63,10 +67,17 @@ class LogReporter:
         left = (handle["total"] - done) / rate if rate > 0 else float("nan")
         timing = f"{rate:.2f}/s, {format_seconds(left)} left" if rate > 0 else "starting"
         extra = format_latest(latest)
+        handle["done"] = done
         logger.info(
             "%s %d/%d %s (%s)%s", handle["task"], done, handle["total"], handle["unit"], timing,
             f" {extra}" if extra else "",
         )
+
+    def note(self, handle: dict[str, Any], text: str | None) -> None:
+        """One line when the work beside the count changes: `sft 50/50 steps: validating ...`."""
+        if text and text != handle.get("note"):
+            logger.info("%s %d/%d %s: %s", handle["task"], handle.get("done", 0), handle["total"], handle["unit"], text)
+        handle["note"] = text
 
     def finish(self, handle: dict[str, Any]) -> None:
         pass
@@ -83,13 +94,30 @@ def set_reporter(reporter: Reporter | None) -> Reporter:
 
 
 class Progress:
-    """What a loop holds: `update(done, **latest)`."""
+    """What a loop holds: `update(done, **latest)`, `note(text)`, `doing(text)`."""
 
     def __init__(self, reporter: Reporter, handle: Any):
         self._reporter, self._handle = reporter, handle
+        self._note: str | None = None
 
     def update(self, done: int, **latest: float) -> None:
         self._reporter.update(self._handle, done, latest)
+
+    def note(self, text: str | None) -> None:
+        """Name the phase or work beside the count (None: nothing), e.g. `critic warm-up`."""
+        self._note = text
+        if hasattr(self._reporter, "note"):
+            self._reporter.note(self._handle, text)
+
+    @contextlib.contextmanager
+    def doing(self, text: str) -> Iterator[None]:
+        """Name the work of the block beside the count (`validating`), then the note before it."""
+        before = self._note
+        self.note(f"{before}; {text}" if before else text)
+        try:
+            yield
+        finally:
+            self.note(before)
 
 
 class _Silent:

@@ -267,22 +267,26 @@ def train_examples(
                     },
                     done,
                 )
-            if settings.eval_interval and done % settings.eval_interval == 0 and done != total_steps:
-                run_eval(done)
             last = done == total_steps
-            if last:
-                run_eval(done)
+            # The step is done: the bar says so before a validation or a checkpoint, and names them
+            # while they run (a bar at 49/50 for the last validation would say nothing).
             bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
+            if evaluate_fn is not None and (last or (settings.eval_interval and done % settings.eval_interval == 0)):
+                with bar.doing("validating"):
+                    run_eval(done)
+                bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
             stopping = stop_after_step(processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
             if stopping or (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
-                model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
-                optimizer_state = processes.optimizer_state(model, optimizer)
-                if processes.is_main:
-                    save_checkpoint(
-                        ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
-                        optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
-                    )
-                processes.wait()
+                with bar.doing("saving a checkpoint"):
+                    model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
+                    optimizer_state = processes.optimizer_state(model, optimizer)
+                    if processes.is_main:
+                        save_checkpoint(
+                            ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
+                            optimizer_state=optimizer_state, scheduler=scheduler, state=state,
+                            model_state=model_state,
+                        )
+                    processes.wait()
             if stopping:
                 raise TrainingStopped(task, done, total_steps, ckpt_root / f"step-{done}")
 
@@ -405,6 +409,6 @@ def train_language_model(
 
     trained, _, _ = train_examples(
         make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
-        out_dir=out_dir, processes=processes, log=log, task="pretrain", lr_key="model.tiny.pretrain_lr",
+        out_dir=out_dir, processes=processes, log=log, task="pretrain tiny model", lr_key="model.tiny.pretrain_lr",
     )
     return trained

@@ -592,7 +592,9 @@ def log_dataset(
     client = mlflow_client(tracking_uri)
     short = digest[:_MAX_DATASET_DIGEST]
     with warnings.catch_warnings():
-        # The local-file source is registered twice by MLflow itself and it warns about that.
+        # The local-file source is registered twice by MLflow itself and it warns about that; the
+        # frame's schema, inferred when the entity is made, comes with a hint about integer columns
+        # meant for model signatures (a data set record has no inputs to enforce it on).
         warnings.simplefilter("ignore", UserWarning)
         if isinstance(data, (str, Path)):
             location = data if isinstance(data, str) and "://" in data else str(Path(data).resolve())
@@ -600,7 +602,8 @@ def log_dataset(
         else:
             src = resolve_dataset_source(str(Path(source).resolve())) if source is not None else None
             dataset = mlflow.data.from_pandas(data, source=src, name=name, digest=short)
+        entity = dataset._to_mlflow_entity()
     tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
     if short != digest:
         tags.append(InputTag(key=INPUT_FULL_DIGEST, value=digest))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])
