@@ -56,6 +56,13 @@ GATE_HISTORY_LIMIT = 100
 START_METRIC_TAG_PREFIX = "start_metric."  # + metric key: the value for the model training started from
 TAG_WEIGHTS_FINITE = "weights_finite"  # "true" / "false": every registered weight is a finite number
 ROLLED_BACK = "rollback.demoted_at"
+# gate.decision values besides the gate's own (promoted, refused): what a rollback records, on the
+# version it demotes and on the one it makes champion again (rule RULE_ROLLBACK).
+DECISION_PROMOTED = "promoted"
+DECISION_REFUSED = "refused"
+DECISION_ROLLED_BACK = "rolled back"
+DECISION_RESTORED = "restored"
+RULE_ROLLBACK = "rollback"
 
 # Registered model tags.
 HISTORY_TAG = "rft.champion_history"  # past champions, oldest first, for rollback
