@@ -24,7 +24,7 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a field: section.key=value (repeatable)."),
+    typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE", help="Override a field (repeatable)."),
 ]
 
 

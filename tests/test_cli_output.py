@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 
 import pandas as pd
@@ -124,3 +125,59 @@ def test_logging_a_data_set_with_integer_columns_warns_nothing(tmp_path) -> None
         tracking.log_dataset(run_id, frame, "train", "0123456789abcdef", "train", source=tmp_path / "t.parquet",
                              tracking_uri=store)
     assert [str(w.message) for w in caught if "Inferred schema" in str(w.message)] == []
+
+
+# --------------------------------------------------------------------------- help
+
+
+def commands(group, path=()):
+    """(command path, click command) of every command of the rft CLI, groups walked."""
+    for name, command in sorted(group.commands.items()):
+        yield (*path, name), command
+        if hasattr(command, "commands"):  # a group (typer's click types are its own)
+            yield from commands(command, (*path, name))
+
+
+def test_every_help_shows_flags_as_flags_and_options_with_what_they_take() -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from rft.cli import app
+
+    root = typer.main.get_command(app)
+    seen, flags_seen = 0, set()
+    for path, command in commands(root):
+        result = CliRunner(env={"COLUMNS": "100"}).invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+        assert "<bool>" not in result.output and "list[" not in result.output, (path, result.output)
+        for param in command.params:
+            if param.param_type_name != "option" or param.hidden:
+                continue
+            names = ", ".join(param.opts)
+            line = next((line for line in result.output.splitlines() if line.strip().startswith(
+                tuple(param.opts + param.secondary_opts))), None)
+            assert line is not None, (path, names, result.output)
+            if param.is_flag:
+                # `--fresh   Ignore cached ...`: nothing between the flag and its help.
+                flags = " / ".join(", ".join(group) for group in (param.opts, param.secondary_opts) if group)
+                assert re.match(rf"\s*{re.escape(flags)}(\s{{2,}}|$)", line), (path, line)
+                flags_seen.add(max(param.opts, key=len))
+            else:
+                after = line.strip().split(max(param.opts, key=len), 1)[1]
+                assert after.startswith(" ") and after.split()[0], (path, line)
+        seen += 1
+    assert seen >= 10  # run, validate, grade, train, promote, rollback, models, serve, deployments (serve)
+    assert {"--fresh", "--json", "--force", "--numeric"} <= flags_seen
+
+
+def test_serve_says_it_serves_prefect_deployments_not_a_model() -> None:
+    from typer.testing import CliRunner
+
+    from rft.cli import app
+
+    listing = CliRunner(env={"COLUMNS": "100"}).invoke(app, ["--help"]).output
+    assert "Alias of rft deployments serve (not a model server)." in listing
+    for args in (["serve", "--help"], ["deployments", "serve", "--help"]):
+        text = " ".join(CliRunner(env={"COLUMNS": "100"}).invoke(app, args).output.split())
+        assert "Prefect deployments" in text and "not a model" in text, text
+        assert "mlflow models serve -m models:/NAME@champion" in text

@@ -34,6 +34,7 @@ from rft_core.tracking.models import (
 from rft_core.tracking.promotion import Evaluator, promote
 from rft_core.tracking.registry import (
     champion_version,
+    check_registered,
     list_versions,
     register_model,
     registry_lock,
@@ -96,6 +97,7 @@ __all__ = [
     "TrackingUnavailable",
     "artifact_link",
     "champion_version",
+    "check_registered",
     "check_tracking_available",
     "config_tags",
     "configure",

@@ -352,7 +352,7 @@ def download_model(
 
     Without `dst_path`, a model in a local store may be returned in place: treat it as read-only.
     """
-    configure(tracking_uri)
+    store = configure(tracking_uri)
     if dst_path is not None:
         Path(dst_path).mkdir(parents=True, exist_ok=True)
     try:
@@ -360,7 +360,7 @@ def download_model(
             artifact_uri=model_uri, dst_path=None if dst_path is None else str(dst_path)
         )
     except MlflowException as exc:
-        raise RegistryError(f"cannot fetch model {model_uri}: {exc.message}") from None
+        raise RegistryError(f"cannot fetch model {model_uri} from {store}: {exc.message}") from None
     return Path(local)
 
 

@@ -56,7 +56,7 @@ from rft_core.tracking.tags import (
     TAG_GIT_COMMIT_RUN,
     TAG_PARENT,
 )
-from rft_core.tracking.uri import mlflow_client
+from rft_core.tracking.uri import current_tracking_uri, mlflow_client
 
 logger = logging.getLogger("rft.tracking")
 
@@ -78,12 +78,13 @@ def not_found(exc: MlflowException) -> bool:
 
 
 def get_registered_model(client: MlflowClient, name: str) -> Any:
-    """The registered model `name`, or `RegistryError`."""
+    """The registered model `name`, or `RegistryError` naming the store it was looked for in (a
+    deployment or a shell pointed at another store is the usual reason)."""
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:
         if not_found(exc):
-            raise RegistryError(f"no registered model named {name!r}") from None
+            raise RegistryError(f"no registered model named {name!r} in {current_tracking_uri()}") from None
         raise
 
 
@@ -94,8 +95,31 @@ def get_version(client: MlflowClient, name: str, version: int | str) -> Any:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         if not_found(exc):
-            raise RegistryError(f"registered model {name!r} has no version {version}") from None
+            raise RegistryError(
+                f"registered model {name!r} in {current_tracking_uri()} has no version {version}"
+            ) from None
         raise
+
+
+def check_registered(model_uri: str, *, tracking_uri: str | None = None) -> None:
+    """Raise `RegistryError` naming the store when a `models:/NAME@ALIAS` or `models:/NAME/VERSION`
+    URI names nothing there (before any work that would be wasted on it); other URIs pass."""
+    if not model_uri.startswith("models:/"):
+        return
+    reference = model_uri[len("models:/"):]
+    client = mlflow_client(tracking_uri)
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        registered = get_registered_model(client, name)
+        if alias not in registered.aliases:
+            known = ", ".join(f"@{a} (v{v})" for a, v in sorted(registered.aliases.items())) or "none"
+            raise RegistryError(
+                f"registered model {name!r} in {current_tracking_uri()} has no alias @{alias} (its aliases: "
+                f"{known}); promote a version first (rft promote {name} VERSION)"
+            )
+    elif "/" in reference:
+        name, version = reference.split("/", 1)
+        get_version(client, name, version)
 
 
 def current_champion(client: MlflowClient, name: str) -> int | None:
