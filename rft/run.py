@@ -194,6 +194,10 @@ def train_cmd(
     if stage not in ("sft", "rl"):
         raise fail(f"stage {stage!r}: expected sft or rl")
     cfg = load_config(config, set_)
+    from rft_core.preflight import model_path_problem
+
+    if init_model is not None and (problem := model_path_problem(init_model, "--init-model")):
+        raise fail(problem)  # before the data stages and the tiny model are prepared
     if out is not None:
         # Before any training: the stage fills --out (model/, checkpoints/, best/), so no input
         # may be it or lie inside it.
