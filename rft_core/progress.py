@@ -74,9 +74,14 @@ class LogReporter:
         )
 
     def note(self, handle: dict[str, Any], text: str | None) -> None:
-        """One line when the work beside the count changes: `sft 50/50 steps: validating ...`."""
-        if text and text != handle.get("note"):
-            logger.info("%s %d/%d %s: %s", handle["task"], handle.get("done", 0), handle["total"], handle["unit"], text)
+        """A line when the work beside the count changes (`sft 50/50 steps: validating`): at the
+        last unit (where a long wait is), or at most about `lines_per_task` times over the task."""
+        done, total = handle.get("done", 0), handle["total"]
+        every = max(1, total // self.lines_per_task)
+        last = handle.get("noted_at")
+        if text and text != handle.get("note") and (done >= total or last is None or done - last >= every):
+            logger.info("%s %d/%d %s: %s", handle["task"], done, total, handle["unit"], text)
+            handle["noted_at"] = done
         handle["note"] = text
 
     def finish(self, handle: dict[str, Any]) -> None:

@@ -192,3 +192,14 @@ def test_the_loops_name_their_work_beside_the_count(tmp_path) -> None:
     assert done_when("rl", "validating") == [2]
     warmup = [event for event in events if event[:2] == ("note", "rl")]
     assert warmup[0][2].startswith("critic warm-up 1/1") and warmup[-1][2] is None
+
+
+def test_plain_lines_name_the_work_at_the_end_and_a_few_times_over_a_task(caplog):
+    caplog.set_level(logging.INFO, logger="rft.progress")
+    with progress("rl", 100, "iterations") as bar:
+        for done in range(1, 101):
+            bar.update(done, reward_mean=0.5)
+            with bar.doing("saving a checkpoint"):
+                pass
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().endswith(": saving a checkpoint")]
+    assert 9 <= len(notes) <= 12 and notes[-1] == "rl 100/100 iterations: saving a checkpoint"
