@@ -65,10 +65,12 @@ class Task:
         self.done, self.updated = done, now
 
     def timing(self, now: float) -> str:
-        """`0:41 elapsed, 2:44 left (1.22/s)`; `done in 3:25 (1.22/s)` at the end."""
+        """`0:41 elapsed, 2:44 left (1.22/s)`; `done in 3:25 (1.22/s)` at the end, `stopped after
+        1:15 (0.0929/s)` when the loop ended before its last unit (Ctrl-C, an error)."""
         rate = f" ({self.rate:.3g}/s)" if self.rate else ""
         if self.finished is not None:
-            return f"done in {clock(self.finished - self.started)}{rate}"
+            ended = "done in" if self.done >= self.total else "stopped after"
+            return f"{ended} {clock(self.finished - self.started)}{rate}"
         elapsed = f"{clock(now - self.started)} elapsed"
         if not self.rate:
             return f"{elapsed}, starting"

@@ -14,6 +14,7 @@ this one process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -227,12 +228,17 @@ def train_examples(
             save_weights(processes, model, processes.unwrap(model), best_dir, step=step)
         processes.wait()
 
-    if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
-        run_eval(0)
-    model.train()
-    started = time.perf_counter()
-    tokens_seen = 0
-    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar, deferring_stops():
+    with contextlib.ExitStack() as stack:
+        # The bar opens first: the starting model's validation shows on it (not a blank while it
+        # runs); stop requests wait for step boundaries from the first step on, as before.
+        bar = stack.enter_context(progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main))
+        if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
+            with bar.doing("validating the starting model"):
+                run_eval(0)
+        model.train()
+        started = time.perf_counter()
+        tokens_seen = 0
+        stack.enter_context(deferring_stops())
         for step in range(start_step, total_steps):
             # Per-step seed: dropout and friends replay exactly after a resume.
             torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)

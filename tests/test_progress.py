@@ -133,6 +133,8 @@ def test_time_left_counts_down_between_updates_and_never_blanks() -> None:
     task.update(11, 90.0)  # a slow iteration: the estimate moves, it does not blank out
     assert "left" in task.timing(90.0) and "-:--" not in task.timing(90.0)
     task.finished = 100.0
+    assert task.timing(200.0).startswith("stopped after 1:40")  # ended at 11 of 100 (Ctrl-C)
+    task.update(100, 100.0)
     assert task.timing(200.0).startswith("done in 1:40")
 
 
@@ -165,7 +167,7 @@ def test_the_loops_name_their_work_beside_the_count(tmp_path) -> None:
     from rft_core.sft import run_sft
 
     cfg = tiny_config(tmp_path, "model.tiny.pretrain_steps=2", "sft.eval_interval=3", "rl.critic_warmup=1",
-                      "eval.sampled_validation=false")
+                      "rl.eval_interval=2", "eval.sampled_validation=false")
     recorder = Recorder()
     previous = progress_module.set_reporter(recorder)
     try:
@@ -187,11 +189,14 @@ def test_the_loops_name_their_work_beside_the_count(tmp_path) -> None:
                 found.append(shown)
         return found
 
-    assert done_when("sft", "validating") == [3, 6]
+    assert done_when("sft", "validating") == [0, 3, 6]  # the starting model, then every 3 steps
+    assert done_when("sft", "validating the starting model") == [0]
     assert done_when("sft", "saving a checkpoint") == [2, 4, 6]
-    assert done_when("rl", "validating") == [2]
-    warmup = [event for event in events if event[:2] == ("note", "rl")]
-    assert warmup[0][2].startswith("critic warm-up 1/1") and warmup[-1][2] is None
+    assert done_when("rl", "validating") == [0, 2]
+    notes = [event[2] for event in events if event[:2] == ("note", "rl") and event[2]]
+    warmup = [note for note in notes if note.startswith("critic warm-up")]
+    assert warmup and all(note.startswith("critic warm-up 1/1: value head only") for note in warmup)
+    assert [event for event in events if event[:2] == ("note", "rl")][-1][2] is None  # iteration 2 trains the policy
 
 
 def test_plain_lines_name_the_work_at_the_end_and_a_few_times_over_a_task(caplog):

@@ -15,6 +15,7 @@ disabled in the modules themselves, so both modes compute the same function). Sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -551,16 +552,20 @@ class RLTrainer:
 
     def run(self) -> StageResult:
         rl = self.rl
-        if self.start_iteration == 0:
-            if rl.eval_interval:
-                self._log(self.validate(0), 0)
-            if self.guard.settings.enabled and self.state.get("best_iteration") is None:
-                self._save_best(0)  # what a rollback returns to when nothing was validated yet
         shown = {}  # the figures beside the progress: training reward, KL, the last validation
-        with (
-            progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar,
-            deferring_stops(),
-        ):
+        with contextlib.ExitStack() as stack:
+            # The bar opens first: the starting model's validation shows on it; stop requests wait
+            # for iteration boundaries from the first iteration on, as before.
+            bar = stack.enter_context(
+                progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main)
+            )
+            if self.start_iteration == 0:
+                if rl.eval_interval:
+                    with bar.doing("validating the starting model"):
+                        self._log(self.validate(0), 0)
+                if self.guard.settings.enabled and self.state.get("best_iteration") is None:
+                    self._save_best(0)  # what a rollback returns to when nothing was validated yet
+            stack.enter_context(deferring_stops())
             for iteration in range(self.start_iteration, rl.iterations):
                 done = iteration + 1
                 bar.note(self.phase(iteration))
