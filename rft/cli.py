@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import typer
 
+from rft.api.command import api_cmd
 from rft.grade import grade_cmd
 from rft.registry import models_cmd, promote_cmd, rollback_cmd
 from rft.run import run_cmd, train_cmd
@@ -31,6 +32,7 @@ app.command("train", short_help="Run one training stage (sft or rl), e.g. under 
 app.command("promote", short_help="Move alias champion to a version (the gate, or --force).")(promote_cmd)
 app.command("rollback", short_help="Move alias champion back to the previous champion.")(rollback_cmd)
 app.command("models", short_help="A registered model's versions: aliases, status, metrics.")(models_cmd)
+app.command("api", short_help="Serve OpenAI's fine-tuning API for the openai SDK.")(api_cmd)
 
 deployments = typer.Typer(
     help="The Prefect deployments of deployments/prefect.yaml: scheduled and triggered flow runs of "

@@ -395,6 +395,17 @@ class RLConfig(Section):
         "the tiny model's policy (bench/README.md).",
     )
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch.")
+    critic_lr: float | None = Field(
+        None, gt=0.0,
+        description="PPO: peak learning rate of the value head (its own, as verl's and OpenRLHF's "
+        "critics have); it follows the same warm-up and decay. None: rl.lr.",
+    )
+    critic_detached: bool = Field(
+        False,
+        description="PPO: the value head reads the policy's hidden states detached, so the value loss "
+        "trains the head alone and never moves the policy's trunk (as with a separate critic model, "
+        "verl's and OpenRLHF's layout); False: the value loss also trains the shared trunk (vf_coef).",
+    )
     critic_warmup: int = Field(
         10, ge=0,
         description="PPO: for the first N iterations train only the value head (the policy's trunk "
@@ -466,7 +477,11 @@ class GraderConfig(Section):
     workers: int = Field(
         0, ge=0, description="Grading processes (0: in-process, except the python grader)."
     )
-    timeout_s: float = Field(10.0, gt=0.0, description="Time limit of one python-grader call.")
+    timeout_s: float = Field(
+        10.0, gt=0.0,
+        description="Time limit of one python-grader call, end to end: loading the grader's source "
+        "(its imports) included.",
+    )
     memory_mb: int = Field(1024, ge=64, description="Memory limit of the python-grader process.")
     max_error_share: float = Field(
         0.2, ge=0.0, le=1.0,

@@ -59,9 +59,11 @@ def sample_completions(
     keys: Sequence[int] | None = None,
     stop_ids: Sequence[int] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    on_tokens: Callable[[list[tuple[int, int, int]]], None] | None = None,
 ) -> list[list[list[int]]]:
     """Completions [prompt][sample] -> token ids, in batches; greedy when `seed` is None.
-    `on_batch(n)` is told after each batch how many prompts it held.
+    `on_batch(n)` is told after each batch how many prompts it held; `on_tokens` is told at each
+    generation step the new tokens as (prompt index, sample index, token id) (to stream them).
 
     `keys` are stable ids of the prompts (default: their positions) so that a prompt's samples
     depend on the prompt and the seed only. A completion ends on one of `stop_ids` (default:
@@ -82,6 +84,11 @@ def sample_completions(
         seeds = None
         if seed is not None:
             seeds = row_seeds(seed, [keys[i] * num_samples + s for i in chunk for s in range(num_samples)])
+        n = num_samples if seed is not None else 1
+        on_step = None
+        if on_tokens is not None:
+            def on_step(rows: list[int], tokens: list[int], chunk: list[int] = chunk, n: int = n) -> None:
+                on_tokens([(chunk[row // n], row % n, token) for row, token in zip(rows, tokens, strict=True)])
         result = generate(
             model,
             [prompts[i] for i in chunk],
@@ -94,8 +101,8 @@ def sample_completions(
             top_p=top_p,
             min_p=min_p,
             seeds=seeds,
+            on_step=on_step,
         )
-        n = num_samples if seed is not None else 1
         for j, i in enumerate(chunk):
             by_index[i] = result.completions[j * n : (j + 1) * n]
         if on_batch is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,12 +140,14 @@ def generate(
     top_p: float = 1.0,
     min_p: float = 0.0,
     seeds: torch.Tensor | None = None,
+    on_step: Callable[[list[int], list[int]], None] | None = None,
 ) -> Generated:
     """Sample `num_samples` completions for each prompt (greedy when `seeds` is None).
 
     Rows come out prompt-major: prompt 0's samples, then prompt 1's. `seeds` has one seed per
     output row (len(prompts) * num_samples). Sampling draws from softmax(logits / temperature)
-    over `kept_tokens` (top_k, top_p, min_p: see `Sampling`).
+    over `kept_tokens` (top_k, top_p, min_p: see `Sampling`). `on_step(rows, tokens)` is told each
+    step's new token of every row still generating, as it is chosen (to stream a completion).
     """
     sampling = Sampling(temperature, top_k, top_p, min_p)
     device = next(model.parameters()).device
@@ -198,9 +200,12 @@ def generate(
             noise = gumbel_noise(row_seed[active], step, scores.shape[-1], device)
             tokens = (scores.double() + noise).argmax(-1)
         finished = torch.isin(tokens, eos)
-        for row, token, done in zip(active.tolist(), tokens.tolist(), finished.tolist(), strict=True):
+        rows, new_tokens = active.tolist(), tokens.tolist()
+        for row, token, done in zip(rows, new_tokens, finished.tolist(), strict=True):
             completions[row].append(token)
             stopped[row] = done
+        if on_step is not None:
+            on_step(rows, new_tokens)
         if step == max_new_tokens - 1:
             break
         keep = ~finished

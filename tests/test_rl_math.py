@@ -139,3 +139,34 @@ def test_ppo_and_grpo_differ_in_the_critic_and_where_the_kl_goes():
     # Each reports the losses it trains: the value loss with a critic, the KL term when it is one.
     assert ppo.loss_stats == ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac")
     assert grpo.loss_stats == ("pg_loss", "kl_loss", "clipfrac", "approx_kl")
+
+
+def test_decoupled_gae_gives_the_critic_monte_carlo_returns_and_the_policy_its_own_lambda():
+    logp = t([[-1.0, -2.0, -0.5]])
+    mask = t([[1.0, 1.0, 1.0]])
+    values = t([[0.2, 0.4, 0.6]])
+    cfg = RLConfig(whiten_advantages=False, critic_lam=1.0, kl_coef=0.0)
+    advantages, returns, _ = ppo_advantages(t([1.0]), logp, logp.clone(), values, mask, cfg, lambda s: s)
+    assert returns.tolist()[0] == pytest.approx([1.0, 1.0, 1.0])  # lambda 1, gamma 1: the score itself
+    same, _, _ = ppo_advantages(t([1.0]), logp, logp.clone(), values, mask, RLConfig(whiten_advantages=False, kl_coef=0.0), lambda s: s)
+    assert advantages.tolist()[0] == pytest.approx(same.tolist()[0])  # the policy keeps rl.lam (0.95)
+    # delta = r_t + V_{t+1} - V_t: 0.2, 0.2, 0.4; A = delta_t + 0.95 A_{t+1}
+    assert advantages.tolist()[0] == pytest.approx([0.2 + 0.95 * (0.2 + 0.95 * 0.4), 0.2 + 0.95 * 0.4, 0.4])
+
+
+def test_explained_variance_and_critic_statistics_by_hand():
+    from rft_core.rl.advantages import explained_variance, masked_moments
+
+    mask = t([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    returns = t([[1.0, 1.0, 9.0], [0.0, 0.0, 0.0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    mean = (2 / 5) * torch.ones_like(returns)
+    assert explained_variance(mean, returns, mask) == pytest.approx(0.0, abs=1e-9)
+    assert explained_variance(1 - returns, returns, mask) < 0  # worse than the mean
+    m, v, n = masked_moments(returns, mask)
+    assert (m, n) == (pytest.approx(0.4), 5.0) and v == pytest.approx(0.3)
+    from rft_core.rl.algorithms import critic_stats
+
+    stats = critic_stats(t([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]]), returns, mask, lambda s: s)
+    assert stats["value_mean"] == pytest.approx(0.5) and stats["advantage_mean"] == pytest.approx(-0.1)
+    assert stats["advantage_std"] == pytest.approx(0.3**0.5) and stats["explained_variance"] == pytest.approx(0.0, abs=1e-9)

@@ -47,12 +47,12 @@ class PolicyWithValue(nn.Module):
         temperature: float | Sampling,
         group_size: int = 1,
         with_entropy: bool = True,
-        critic_only: bool = False,
+        detach_value: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Log-probs, values, entropy of the response tokens. `critic_only`: the value head sees the
+        """Log-probs, values, entropy of the response tokens. `detach_value`: the value head sees the
         trunk's hidden states detached, so a value loss trains the head and nothing else."""
         head = self.value_head
-        if critic_only and head is not None:
+        if detach_value and head is not None:
             head = _DetachedInput(head)
         return score_tokens(
             self.policy, input_ids, attention_mask, response_length, temperature, head, group_size, with_entropy,

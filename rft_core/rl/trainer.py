@@ -184,7 +184,13 @@ class RLTrainer:
         # What the critic warm-up trains: the value head alone (`update` clears the others' gradients).
         head = self.module.value_head
         self.head_params = {id(p) for p in head.parameters()} if head is not None else set()
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.rl.lr, eps=1e-5, weight_decay=0.0)
+        # The critic learns at its own rate (rl.critic_lr; verl and OpenRLHF give it its own too):
+        # it must catch up with the returns before its values shape the policy's advantages.
+        groups = [{"params": [p for p in self.params if id(p) not in self.head_params], "lr": self.rl.lr}]
+        if self.head_params:
+            groups.append({"params": [p for p in self.params if id(p) in self.head_params],
+                           "lr": self.rl.critic_lr or self.rl.lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=self.rl.lr, eps=1e-5, weight_decay=0.0)
         warmup = self.rl.warmup_steps
         # Warm-up counts optimizer steps; the decay counts iterations (their number of optimizer
         # steps varies), set by `_set_iteration_lr` at the start of each one.
@@ -321,7 +327,7 @@ class RLTrainer:
         input_ids, attention_mask, width = batch.minibatch(rows)
         logprobs, values, _ = self.model(
             input_ids.to(device), attention_mask.to(device), width, Sampling.of(rl), self.group,
-            with_entropy=False, critic_only=critic_only,
+            with_entropy=False, detach_value=critic_only or rl.critic_detached,
         )
 
         def rollout_side(t: torch.Tensor) -> torch.Tensor:  # what the rollout computed for these tokens

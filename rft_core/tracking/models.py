@@ -129,6 +129,58 @@ class _TextGenerator(mlflow.pyfunc.PythonModel):
             )
         return [decode(self.tokenizer, c[0]) for c in completions]
 
+    def prompt_ids(self, rows: list[dict[str, Any]]) -> list[list[int]]:
+        """Token ids of prompts given as data rows (`{"prompt", "messages"}`, see `_as_row`),
+        rendered as evaluation renders them and cut to the served `max_prompt_length`."""
+        from rft_core.models import prompt_token_ids
+
+        settings = getattr(self, "serving", None) or RAW_SERVING
+        longest = settings.get("max_prompt_length") or 1 << 30
+        frame = pd.DataFrame([{"prompt": r["prompt"], "messages": r.get("messages")} for r in rows],
+                             columns=["prompt", "messages"])
+        return prompt_token_ids(frame, self.tokenizer, self.model_cfg, longest)
+
+    def generate_ids(
+        self, prompts: list[list[int]], *, max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+        top_p: float = 1.0, seed: int | None = None, on_tokens: Any = None,
+    ) -> list[list[list[int]]]:
+        """Completions [prompt][sample] -> token ids, ending on the end of response when they stop
+        there; greedy (one per prompt) when `seed` is None, else `num_samples` sampled at
+        `temperature` / `top_p` from `seed`: `predict`'s generation (`sample_completions`), for
+        callers that sample or stream. `on_tokens` sees each step's new tokens as they come."""
+        from rft_core.evaluate import sample_completions
+        from rft_core.models import compute_in
+
+        settings = getattr(self, "serving", None) or RAW_SERVING
+        with compute_in(self.model.device, getattr(self, "precision", torch.float32)):
+            return sample_completions(
+                self.model, self.tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                batch_size=int(settings.get("batch_size") or 1), temperature=temperature, top_p=top_p, seed=seed,
+                stop_ids=self.stop_ids, on_tokens=on_tokens,
+            )
+
+
+def served_model(model_dir: str | Path, serving: dict[str, Any] | None = None, base_model: str | None = None) -> Any:
+    """The served face of a `save_pretrained` directory (a model, or a LoRA adapter on `base_model`),
+    loaded now: what `log_model` would log with `serving`, without MLflow (e.g. a checkpoint)."""
+    from types import SimpleNamespace
+
+    model_dir = Path(model_dir)
+    fmt = _FORMAT_ADAPTER if (model_dir / "adapter_config.json").is_file() else _FORMAT_FULL
+    generator = _TextGenerator(fmt, base_model, {**RAW_SERVING, **(serving or {})})
+    generator.load_context(SimpleNamespace(artifacts={"model": str(model_dir)}))
+    return generator
+
+
+def load_served_model(model_uri: str, *, tracking_uri: str | None = None) -> Any:
+    """The served face of a logged model (`models:/NAME/VERSION`, `runs:/...`), loaded: the object
+    `mlflow.pyfunc.load_model(uri).predict` calls, with `prompt_ids` and `generate_ids`."""
+    configure(tracking_uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except MlflowException as exc:
+        raise RegistryError(f"cannot load model {model_uri}: {exc.message}") from None
+
 
 def bad_request(message: str) -> MlflowException:
     """An error in a request to the served model: MLflow's scoring server answers it with HTTP 400
