@@ -45,7 +45,8 @@ def format_seconds(seconds: float) -> str:
 
 
 class LogReporter:
-    """Plain lines: `sft 40/400 steps (3.2/s, 1m52s left) loss 0.531`, about every tenth of a task."""
+    """Plain lines: `sft 40/400 steps (3.2/s, 1m52s left) loss 0.531`, about every tenth of a task,
+    with the work or phase named beside the count when there is one (`; critic warm-up 1/10: ...`)."""
 
     def __init__(self, lines_per_task: int = 10):
         self.lines_per_task = lines_per_task
@@ -68,9 +69,12 @@ class LogReporter:
         timing = f"{rate:.2f}/s, {format_seconds(left)} left" if rate > 0 else "starting"
         extra = format_latest(latest)
         handle["done"] = done
+        # The phase the figures come from (a critic warm-up's `kl 0.000` is not a policy that
+        # stopped moving): the note standing when the count moved, on the same line.
+        phase = handle.get("note")
         logger.info(
-            "%s %d/%d %s (%s)%s", handle["task"], done, handle["total"], handle["unit"], timing,
-            f" {extra}" if extra else "",
+            "%s %d/%d %s (%s)%s%s", handle["task"], done, handle["total"], handle["unit"], timing,
+            f" {extra}" if extra else "", f"; {phase}" if phase else "",
         )
 
     def note(self, handle: dict[str, Any], text: str | None) -> None:

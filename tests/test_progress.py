@@ -208,3 +208,28 @@ def test_plain_lines_name_the_work_at_the_end_and_a_few_times_over_a_task(caplog
                 pass
     notes = [r.getMessage() for r in caplog.records if r.getMessage().endswith(": saving a checkpoint")]
     assert 9 <= len(notes) <= 12 and notes[-1] == "rl 100/100 iterations: saving a checkpoint"
+
+
+@pytest.mark.parametrize(
+    ("phases", "expected"),
+    [
+        # A critic warm-up of 5 iterations in 20: its lines say so, the ones after do not.
+        ({done: f"critic warm-up {done}/5" for done in range(1, 6)},
+         {3: "critic warm-up 3/5", 5: "critic warm-up 5/5", 7: None, 20: None}),
+        # A phase that lasts the whole task is on its every line.
+        ({done: "one phase" for done in range(1, 21)}, {3: "one phase", 20: "one phase"}),
+        # No phase: the lines end on the figures.
+        ({}, {3: None, 20: None}),
+    ],
+    ids=["warm-up", "whole-task", "none"],
+)
+def test_plain_lines_name_the_phase_their_figures_come_from(caplog, phases, expected):
+    caplog.set_level(logging.INFO, logger="rft.progress")
+    with progress("rl", 20, "iterations") as bar:
+        for done in range(1, 21):
+            bar.note(phases.get(done))  # what the loop names before the iteration it counts
+            bar.update(done, kl=0.0)
+    lines = {int(m.split()[1].split("/")[0]): m for m in (r.getMessage() for r in caplog.records)
+             if " iterations (" in m}
+    for done, phase in expected.items():
+        assert lines[done].endswith(f"kl 0.000; {phase}" if phase else "kl 0.000"), lines[done]
