@@ -898,3 +898,44 @@ def test_cli_unreachable_server_and_missing_store_exit_2(cli: typer.Typer, tmp_p
     result = CliRunner().invoke(cli, ["models", "x", "--tracking-uri", f"sqlite:///{missing}"])
     assert result.exit_code == 2 and f"no MLflow store at {missing}" in result.stderr
     assert not missing.exists()
+
+
+def _open_store_at_once(uri: str, barrier: object, name: str, results: object) -> None:
+    """A process that uses the store as a job or the API server does, after all of them are ready."""
+    try:
+        barrier.wait(timeout=120)
+        from rft_core.tracking.uri import mlflow_client
+
+        client = mlflow_client(uri)
+        client.create_experiment(name)
+        client.search_registered_models(max_results=1)
+        results.put((name, "ok"))
+    except BaseException as exc:  # reported to the test, whatever it is
+        results.put((name, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["no-file", "empty-file", "created"])
+def test_processes_that_open_one_sqlite_store_at_once_all_succeed(tmp_path: Path, start: str) -> None:
+    """MLflow's schema migration is not safe against two processes migrating a fresh file at the
+    same moment ("Online migration expected to match one row"): `configure` makes the schema under
+    a lock, so the API server and its jobs, or jobs started together, all find a usable store."""
+    import multiprocessing
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    if start == "empty-file":
+        db.parent.mkdir()
+        db.touch()
+    elif start == "created":
+        MlflowClient(uri).search_experiments()
+    context = multiprocessing.get_context("spawn")  # fresh processes, as the API's workers are
+    barrier, results = context.Barrier(4), context.Queue()
+    procs = [context.Process(target=_open_store_at_once, args=(uri, barrier, f"e{i}", results)) for i in range(4)]
+    for proc in procs:
+        proc.start()
+    outcomes = dict(results.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert outcomes == {f"e{i}": "ok" for i in range(4)}
+    assert sorted(e.name for e in MlflowClient(uri).search_experiments()) == ["Default", "e0", "e1", "e2", "e3"]
