@@ -13,6 +13,7 @@ environment by tests/test_served_model.py.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -105,3 +106,17 @@ def test_the_pyfunc_snippet_runs_as_written_against_the_store_rft_run_printed(
     answers = ast.literal_eval(done.stdout.strip().splitlines()[-1])  # print() of a list of str
     assert isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
     assert sorted(p.name for p in champion_store.iterdir()) == before  # no ./mlflow.db, no ./mlruns
+
+
+def test_the_http_request_and_response_shown_are_what_the_scoring_server_speaks() -> None:
+    """The curl body is the JSON `mlflow models serve` reads (inputs, params), the response shown
+    is the JSON it answers (predictions, one per input), and the server serves the alias by its
+    store: tests/test_served_model.py sends such a body to such a server."""
+    text = section("Serve the champion")
+    serve = code_blocks(text, "bash")[0]
+    assert "mlflow models serve -m models:/rft-model@champion" in serve
+    assert "MLFLOW_TRACKING_URI=sqlite:///$PWD/rft_runs/mlflow.db" in serve
+    body = json.loads(re.search(r"-d '(.*?)'", serve, re.S).group(1))
+    assert set(body) == {"inputs", "params"} and all(isinstance(p, str) and p for p in body["inputs"])
+    response = json.loads(code_blocks(text, "json")[0])
+    assert list(response) == ["predictions"] and len(response["predictions"]) == len(body["inputs"])
