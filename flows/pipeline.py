@@ -51,38 +51,55 @@ def _results_storage(config: RFTConfig) -> str:
 class _StageRunner:
     """`run(task)(*args)` calls a stage task of this flow run: with the results storage (and
     `fresh`: recompute, refreshing the cache), reporting to the MLflow parent run, timed into
-    `seconds[task.name]`. A cache hit whose files are gone or damaged (`stages.record_problem`)
+    `seconds[task.name]` (the tiny model's pretraining, timed by the sft stage, apart as
+    `seconds["pretrain"]`). A cache hit whose files are gone or damaged (`stages.record_problem`)
     is computed again. A cache hit whose stage run belongs to an earlier pipeline run is tagged
-    `rft.reused.<stage>` on the parent run, so the parent points at the run that did the work."""
+    `rft.reused.<stage>` on the parent run and kept in `reused` (stage -> (stage run, its pipeline
+    run)), so the parent points at the run that did the work; `computed` lists the stages that ran."""
 
     parent_run_id: str
     tracking_uri: str
     storage: str
     fresh: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, tuple[str, str]] = field(default_factory=dict)
+    computed: list[str] = field(default_factory=list)
 
     def __call__(self, stage_task: Task[..., Any]) -> Callable[..., Any]:
         options: dict[str, Any] = {"result_storage": self.storage}
         if self.fresh:
             options["refresh_cache"] = True
         configured = stage_task.with_options(**options)
+        name = stage_task.name
 
         def call(*args: Any) -> Any:
             started = time.perf_counter()
             kwargs = {"parent_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri}
             state = configured(*args, **kwargs, return_state=True)
             record = state.result()
-            if state.name == "Cached" and (problem := stages.record_problem(record)):
+            cached = state.name == "Cached"
+            if cached and (problem := stages.record_problem(record)):
                 # The cache holds a record, not the files it names: files deleted or damaged since
                 # would fail a later stage with a message about something else. Run it again.
                 get_run_logger().warning("the cached %s result cannot be reused (%s): running %s again",
-                                         stage_task.name, problem, stage_task.name)
+                                         name, problem, name)
                 record = configured.with_options(refresh_cache=True)(*args, **kwargs)
-            self.seconds[stage_task.name] = time.perf_counter() - started
+                cached = False
+            seconds = time.perf_counter() - started
+            pretrain = getattr(record, "pretrain_seconds", 0.0) if not cached else 0.0
+            if pretrain:
+                self.seconds["pretrain"] = pretrain
+            self.seconds[name] = seconds - pretrain
             stage_run = getattr(record, "run_id", None)
-            if stage_run and _parent_of(stage_run, self.tracking_uri) not in (self.parent_run_id, None):
-                reused = {tags.TAG_REUSED_PREFIX + stage_task.name: stage_run}
-                tracking.set_tags(self.parent_run_id, reused, tracking_uri=self.tracking_uri)
+            parent = _parent_of(stage_run, self.tracking_uri) if cached and stage_run else None
+            if cached:
+                get_run_logger().info("%s: reused the cached result (MLflow run %s)", name, stage_run or "none")
+            else:
+                self.computed.append(name)
+            if parent not in (self.parent_run_id, None):
+                self.reused[name] = (stage_run, parent)
+                tracking.set_tags(self.parent_run_id, {tags.TAG_REUSED_PREFIX + name: stage_run},
+                                  tracking_uri=self.tracking_uri)
             return record
 
         return call
@@ -133,7 +150,10 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
         }
         for message in summary["guard"]:
             log.warning("RL guard: %s", message)
-        if config.registry.enabled and final.model_uri:
+        # A model trained by this config (not the base model of a run with every training stage
+        # off), logged by its stage, or to be logged by the register stage (`model_in_store`).
+        trained = final.stage == "rl" or config.sft.enabled
+        if config.registry.enabled and trained and (final.model_uri or config.tracking.log_models):
             registered = run(register_model)(config, split, final, evaluation)
             summary["registered"] = {"name": registered.name, "version": registered.version}
             summary["gate_metric"] = config.registry.metric
@@ -141,6 +161,9 @@ def rft_pipeline(config: RFTConfig | None = None, fresh: bool = False) -> dict[s
                 summary["gate"] = run(promote)(config, split, registered)
 
         tracking.log_metrics_once(parent, {f"time/{k}": v for k, v in run.seconds.items()}, tracking_uri=uri)
+        if run.reused:  # a rerun: say so on its MLflow run, link the runs that did the work
+            summary["reused"] = {stage: stage_run for stage, (stage_run, _) in run.reused.items()}
+            stages.mark_rerun(stages.Tracking(parent, uri), run.reused, run.computed, split, models, evaluation)
         create_markdown_artifact(
             markdown=_report(summary, uri), key="rft-evaluation", description="SFT vs RL on the validation set"
         )

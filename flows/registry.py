@@ -48,6 +48,7 @@ def evaluate_model(
     uri = tracking.resolve_tracking_uri(config)
     tracking.check_tracking_available(uri)
     model_uri = model_uri or f"models:/{config.registry.model_name}@{tags.ALIAS_CHAMPION}"
+    tracking.check_registered(model_uri, tracking_uri=uri)  # a missing model: say where, before any work
     split = load_validation(config)
     metrics = evaluate_registered(config, model_uri, split)
     run_tags = {

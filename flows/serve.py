@@ -1,4 +1,5 @@
-"""The deployments of `deployments/prefect.yaml` served from this one process (`rft serve`).
+"""The Prefect deployments of `deployments/prefect.yaml` served from this one process
+(`rft deployments serve`, alias `rft serve`): scheduled and triggered flow runs, not a model server.
 
 The local alternative to a work pool and a worker, for a single machine: the same flows, schedules,
 parameters and concurrency limits as `prefect deploy --prefect-file deployments/prefect.yaml --all`
@@ -137,6 +138,39 @@ def to_runner_deployment(entry: dict[str, Any]) -> Any:
         description=entry.get("description"),
         tags=entry.get("tags"),
     )
+
+
+def missing_parameters(entry: dict[str, Any]) -> list[str]:
+    """The parameters a deployment's flow requires and its entry does not set (a run must be given them)."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    flow = load_flow_from_entrypoint(entry["entrypoint"])  # imported already by to_runner_deployment
+    return [name for name in flow.parameters.required if name not in (entry.get("parameters") or {})]
+
+
+def trigger_command(full_name: str, api_url: str, missing: list[str] = ()) -> str:
+    """The shell command that triggers a run of served deployment `full_name` (flow/deployment),
+    whatever the shell's Prefect profile: the API is named (`PREFECT_API_URL=...`), and a parameter
+    the run needs is asked for (`-p version=VERSION`)."""
+    asks = "".join(f" -p {name}={name.upper()}" for name in missing)
+    return f"PREFECT_API_URL={api_url} prefect deployment run {full_name}{asks}"
+
+
+def trigger_help(deployments: list[Any], entries: list[dict[str, Any]], api_url: str) -> list[str]:
+    """What `rft deployments serve` prints once it serves: how to trigger each deployment from
+    another shell, where to watch the runs, and how to serve a model (which this is not)."""
+    ui = api_url.rstrip("/").removesuffix("/api")
+    commands = [
+        trigger_command(f"{deployment.flow_name}/{deployment.name}", api_url, missing_parameters(entry))
+        for deployment, entry in zip(deployments, entries, strict=True)
+    ]
+    return [
+        "Trigger a run from another shell (PREFECT_API_URL tells the prefect command which server):",
+        *(f"  {command}" for command in commands),
+        f"Watch the runs: {ui}/runs",
+        "To serve a registered model over HTTP instead: mlflow models serve -m models:/NAME@champion "
+        "--env-manager local -p 5001 (README: Serve the champion)",
+    ]
 
 
 PREFECT, HTTP, SILENT, NOTHING = "prefect", "http", "silent", "nothing"
@@ -348,8 +382,13 @@ def serve_deployments(
             _refuse_worker_deployments(deployments)
             every = [d.get("name") for d in read_deployments(prefect_file)]
             tidy_abandoned(every, own_server=server is not None, say=say)
-            say(f"Serving {', '.join(e['name'] for e in entries)} with the Prefect API at {api_url}")
-            serve(*deployments, limit=limit)
+            say(f"Serving {', '.join(e['name'] for e in entries)} with the Prefect API at {api_url}: Prefect "
+                "deployments (flow runs on their schedules or when triggered), not a model server")
+            for line in trigger_help(deployments, entries, api_url):
+                say(line)
+            # Prefect's own start message suggests `prefect deployment run` without the server it
+            # needs (a shell without PREFECT_API_URL answers "not found" and exits 0): ours says it.
+            serve(*deployments, limit=limit, print_starting_message=False)
     finally:
         if server is not None:
             _stop(server)

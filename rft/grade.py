@@ -6,9 +6,10 @@ Like OpenAI's graders run/validate endpoints:
     rft grade --grader grader.json --data items.jsonl --samples samples.jsonl --out graded.jsonl
     rft grade --validate grader.yaml
 
-One sample prints `{"reward": float|null, "sub_rewards": {...}, "errors": [...]}` (exit 0 even
-for an error result: the JSON says so). Files print a summary (count, mean reward, errors) and,
-with `--out`, one JSON line per row. `--data` is a JSONL file of item objects (used as they
+One sample prints `{"reward": float|null, "sub_rewards": {...}, "errors": [...]}`; files print a
+summary (count, mean reward, errors) and, with `--out`, one JSON line per row. Exit status 0 when
+every grade is a score, 1 when a grade is an error (the grader raised, timed out, found no field it
+needs: `reward` is null and `errors` says why), so that a script notices. `--data` is a JSONL file of item objects (used as they
 are); a CSV, Parquet or ReFT JSON file goes through the data layer, so its items are the ones
 graders see in training. Samples are a JSONL of `{"output_text": ...}` objects or JSON strings,
 paired with the items by position. `--validate` exits 0 when the spec is valid and 1 with one
@@ -185,6 +186,8 @@ def _grade_one(grader_file: Path | None, item: str | None, sample: str | None, t
     with _build(grader_file, timeout_s, memory_mb) as built:
         result = built.grade(sample, item_value)
     typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+    if result.reward is None:  # an error, not a score: the JSON says why
+        raise typer.Exit(EXIT_NEGATIVE)
 
 
 def _grade_files(
@@ -231,3 +234,5 @@ def _grade_files(
         typer.echo(f"  {entry['count']} x {entry['error']}")
     if out is not None:
         typer.echo(f"results: {out}")
+    if summary["errors"]:
+        raise typer.Exit(EXIT_NEGATIVE)

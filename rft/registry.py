@@ -15,7 +15,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from rft.errors import EXIT_NEGATIVE, fail
 from rft_core.config import RegistryConfig
@@ -103,35 +105,81 @@ def rollback_cmd(name: NameArgument, tracking_uri: TrackingUriOption = None) -> 
 
 
 def _cell(value: Any) -> str:
-    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else escape(str(value))
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _when(iso: str | None) -> str:
+    """`2026-12-06 05:24` of an ISO time (UTC, as the registry's tags record it)."""
+    return "" if not iso else iso.replace("T", " ")[:16]
+
+
+def status_text(row: dict[str, Any]) -> str:
+    """What a version is now, in a few words: `champion since ...`, `rolled back ...`,
+    `replaced by v4 ...`, `refused ... (not-better)`, `not gated`."""
+    status, since, detail = row["status"], _when(row.get("since")), row.get("status_detail")
+    if status == "champion":
+        return f"champion since {since}" if since else "champion"
+    if status == "replaced":
+        return f"replaced {detail} {since}".strip() if detail else "replaced"
+    if status == "rolled back":
+        return f"rolled back {since}"
+    return f"{status} {since} ({detail})" if detail else f"{status} {since}".strip()
+
+
+def version_page(uri: str, name: str, version: int) -> str:
+    """The version's page in the MLflow UI: on a tracking server, its address; for a local store,
+    where `mlflow ui` serves it by default (http://127.0.0.1:5000)."""
+    from urllib.parse import quote
+
+    from rft_core.tracking.uri import is_http
+
+    base = uri.rstrip("/") if is_http(uri) else "http://127.0.0.1:5000"
+    return f"{base}/#/models/{quote(name, safe='')}/versions/{version}"
 
 
 def models_cmd(
     name: Annotated[str, typer.Argument(help="Registered model name.")] = _DEFAULTS.model_name,
     tracking_uri: TrackingUriOption = None,
+    metric: Annotated[str, typer.Option(help="The metric the table shows (all are in the details).")] = _DEFAULTS.metric,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List the versions of a registered model: aliases, metrics, data digest, gate decision."""
+    """List the versions of a registered model: aliases, what each is now (champion, replaced,
+    rolled back, refused), its metrics, run, data digest, gate decisions and page in the MLflow UI."""
     from rft_core import tracking
+    from rft_core.tracking.uri import is_http
 
-    rows = _run(tracking_uri, lambda uri: tracking.list_versions(name, tracking_uri=uri))
+    uri = tracking_uri or tracking.default_tracking_uri()
+    rows = _run(uri, lambda resolved: tracking.list_versions(name, tracking_uri=resolved))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    metric_keys = sorted({key for row in rows for key in row["metrics"]})
-    table = Table(title=f"{name}: {len(rows)} version(s)")
-    for column in ("version", "aliases", *metric_keys, "data digest", "gate", "created", "run"):
-        # Fold, not ellipsis: a narrow terminal or a pipe should still show whole values.
-        justify = "right" if column in metric_keys or column == "version" else "left"
-        table.add_column(column, justify=justify, overflow="fold")
-    for row in rows:
-        table.add_row(
-            str(row["version"]),
-            ", ".join(row["aliases"]),
-            *(_cell(row["metrics"].get(key)) for key in metric_keys),
-            _cell(row["data_digest"]),
-            _cell(row["gate_decision"]),
-            _cell(row["created"]),
-            (row["run_id"] or "")[:12],
-        )
-    Console().print(table)
+    console = Console(highlight=False)
+    whole = {"soft_wrap": True, "markup": False}  # ids, links and commands: one line each, as they are
+    console.print(f"{name}: {len(rows)} version(s) in {uri}", **whole)
+    # Short cells only (a word never has to fold): the rest goes on the lines below the table.
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column, justify in (("version", "right"), ("aliases", "left"), ("status", "left"), (metric, "right")):
+        table.add_column(column, justify=justify)
+    for row in reversed(rows):  # newest first
+        table.add_row(str(row["version"]), escape(", ".join(row["aliases"])), escape(status_text(row)),
+                      _cell(row["metrics"].get(metric)))
+    console.print(table)
+    for row in reversed(rows):
+        console.print()
+        console.print(f"v{row['version']}  run {row['run_id'] or '-'}", **whole)
+        # Indented paragraphs wrapped between words; a figure is one word (name=value).
+        details = [f"registered {_when(row['created'])}, data {row['data_digest'] or '-'}"]
+        figures = ", ".join(f"{key}={_cell(value)}" for key, value in sorted(row["metrics"].items()))
+        if figures:
+            details.append(figures)
+        if row["gate_history"]:
+            latest = row["gate_history"][-1]
+            rule = f" ({latest['gate.rule']})" if latest.get("gate.rule") else ""
+            details.append(f"last decision{rule}: {latest.get('gate.decision', '?')}, "
+                           f"{_when(latest.get('gate.time'))}: {latest.get('gate.reason', '')}")
+        for detail in details:
+            console.print(Padding(Text(detail), (0, 0, 0, 2), expand=False))
+        console.print(f"  page {version_page(uri, name, row['version'])}", **whole)
+    if not is_http(uri):
+        console.print()
+        console.print(f"The pages open once the MLflow UI runs: {tracking.ui_command(uri)}", **whole)

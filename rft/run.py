@@ -24,7 +24,7 @@ ConfigOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a field: section.key=value (repeatable)."),
+    typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE", help="Override a field (repeatable)."),
 ]
 
 
@@ -52,8 +52,9 @@ def _quiet_libraries() -> None:
     # Stage progress lines (rft.*) go to the terminal and, inside a flow, to Prefect's logs.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rft")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("rft").setLevel(logging.INFO)
+    from rft import logs
+
+    logs.setup()  # `HH:MM:SS sft: ...`: each line names its stage
     # MLflow's per-model notes and download bars would bury the stage progress lines.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
@@ -148,42 +149,56 @@ def stopped(exc: BaseException, resume: str) -> typer.Exit:
     return typer.Exit(code=EXIT_STOPPED)
 
 
-def print_summary(summary: dict[str, Any]) -> None:
-    console = Console()
+def summary_console(file: Any = None) -> Console:
+    """Where the run's summary goes. A terminal wraps prose between words at its width; a file, a
+    pipe or CI get whole lines (no width to fit, and a command or a path cut in two would not run),
+    with tables at their natural width."""
+    console = Console(file=file, highlight=False)
+    if console.is_terminal:
+        return console
+    return Console(file=file, highlight=False, soft_wrap=True, width=1000)
+
+
+def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The end of `rft run`: the validation figures (a row per figure, a column per model: narrow
+    at any number of figures), the gain, time per stage, where the run and the model are, and the
+    commands to copy (printed whole, never wrapped)."""
+    console = console or summary_console()
     metrics = summary["metrics"]
-    table = Table(title="Validation set", title_justify="left")
-    table.add_column("model")
     keys = [k for k in ("accuracy", "reward_mean", "grader_errors", "response_length") if any(k in m for m in metrics.values())]
     keys += sorted({k for m in metrics.values() for k in m if k.startswith(("pass_at_", "maj_at_"))})
+    table = Table(title="Validation set", title_justify="left")
+    table.add_column("")
+    for name in metrics:
+        table.add_column(name, justify="right")
     for key in keys:
-        table.add_column(key, justify="right")
-    for name, values in metrics.items():
-        table.add_row(name, *(f"{values[k]:.3f}" if k in values else "" for k in keys))
+        table.add_row(key, *(f"{values[key]:.3f}" if key in values else "" for values in metrics.values()))
     console.print(table)
     if "sft" in metrics and "rl" in metrics:
         gain = 100 * (metrics["rl"]["accuracy"] - metrics["sft"]["accuracy"])
         console.print(f"RL vs warm-up SFT: {gain:+.1f} points of validation accuracy")
     for message in summary.get("guard") or []:
-        console.print(f"RL guard: {message}", markup=False, highlight=False)
-    times = Table(title="Time per stage (s)", title_justify="left")
-    for name in summary["seconds"]:
-        times.add_column(name, justify="right")
-    times.add_row(*(f"{v:.1f}" for v in summary["seconds"].values()))
-    console.print(times)
-    console.print(f"MLflow run: {summary['mlflow_run_id']}  ({summary['tracking_uri']})")
+        console.print(f"RL guard: {message}", markup=False)
+    seconds = summary["seconds"]
+    times = ", ".join(f"{name} {value:.1f} s" for name, value in seconds.items())
+    console.print(f"Time per stage: {times} (total {sum(seconds.values()):.1f} s)", markup=False)
+    if summary.get("reused"):
+        console.print(f"Reused from earlier runs (cached): {', '.join(summary['reused'])}", markup=False)
     from rft_core.tracking import ui_command
 
-    console.print(f"Look at it: {ui_command(summary['tracking_uri'])}")
+    whole = {"soft_wrap": True, "markup": False}  # commands, ids and paths: one line each, as they are
+    console.print(f"MLflow run: {summary['mlflow_run_id']} in {summary['tracking_uri']}", **whole)
+    console.print(f"Look at it: {ui_command(summary['tracking_uri'])}", **whole)
     if "registered" in summary:
         reg = summary["registered"]
-        console.print(f"Registered {reg['name']} version {reg['version']} (alias challenger)")
+        console.print(f"Registered {reg['name']} version {reg['version']} (alias challenger)", markup=False)
     if "gate" in summary:
         gate = summary["gate"]
-        console.print(f"Gate: {'promoted to champion' if gate['promoted'] else 'refused'}: {gate['reason']}")
-    console.print(f"Model directory: {summary['model_dir']}")
+        verdict = "promoted to champion" if gate["promoted"] else "refused"
+        console.print(f"Gate: {verdict}: {gate['reason']}", markup=False)
+    console.print(f"Model directory: {summary['model_dir']}", **whole)
     if "training_curve" in summary:
-        # Unwrapped and unstyled: a path to copy or click, whatever the terminal width.
-        console.print(f"Training curve: {summary['training_curve']}", soft_wrap=True, markup=False, highlight=False)
+        console.print(f"Training curve: {summary['training_curve']}", **whole)
 
 
 def train_cmd(
@@ -202,6 +217,10 @@ def train_cmd(
     if stage not in ("sft", "rl"):
         raise fail(f"stage {stage!r}: expected sft or rl")
     cfg = load_config(config, set_)
+    from rft_core.preflight import model_path_problem
+
+    if init_model is not None and (problem := model_path_problem(init_model, "--init-model")):
+        raise fail(problem)  # before the data stages and the tiny model are prepared
     if out is not None:
         # Before any training: the stage fills --out (model/, checkpoints/, best/), so no input
         # may be it or lie inside it.

@@ -1,7 +1,12 @@
-"""`rft serve`: the deployments of `deployments/prefect.yaml` served from this process, on their schedules."""
+"""`rft deployments serve` (alias `rft serve`): the Prefect deployments of `deployments/prefect.yaml`
+(the pipeline, the champion's evaluation, promotion, rollback) served from this process, on their
+schedules and when triggered. It serves flow runs, not a model: a model is served by MLflow
+(`mlflow models serve -m models:/NAME@champion`)."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +19,7 @@ from rft.errors import fail
 def serve_cmd(
     deployment: Annotated[
         list[str] | None,
-        typer.Option("--deployment", "-d", help="Serve only this deployment (repeatable; default: all)."),
+        typer.Option("--deployment", "-d", metavar="NAME", help="Serve only this deployment (repeatable; default: all)."),
     ] = None,
     prefect_file: Annotated[
         Path, typer.Option("--prefect-file", help="The deployments file (relative to the project root).")
@@ -27,10 +32,13 @@ def serve_cmd(
         int | None, typer.Option(help="Most flow runs at the same time (default: no limit).")
     ] = None,
 ) -> None:
-    """Serve the deployments of deployments/prefect.yaml from this process, on their schedules.
+    """Run the Prefect deployments of deployments/prefect.yaml (pipeline, evaluate-champion,
+    promote-model, rollback-model) from this process: on their schedules and when triggered, with
+    no work pool or worker. This serves flow runs, not a model; to serve a registered model over
+    HTTP: mlflow models serve -m models:/NAME@champion.
 
-    Run it from the project root. Trigger runs as with a worker, e.g.
-    `prefect deployment run rft-pipeline/rft-pipeline`.
+    Run it from the project root. It prints, for each deployment, the command that triggers a run
+    from another shell (with the PREFECT_API_URL it needs).
     """
     from flows.serve import ServeError, serve_deployments  # imports Prefect only when the command runs
 
@@ -39,3 +47,14 @@ def serve_cmd(
         serve_deployments(prefect_file, deployment, port=port, limit=limit, say=lambda line: console.print(line, markup=False))
     except ServeError as exc:
         raise fail(str(exc)) from None
+
+
+@functools.wraps(serve_cmd)
+def serve_alias_cmd(*args: object, **kwargs: object) -> None:
+    serve_cmd(*args, **kwargs)  # type: ignore[arg-type]
+
+
+serve_alias_cmd.__doc__ = (
+    "Alias of `rft deployments serve`, kept for existing scripts: it serves Prefect deployments, "
+    "not a model.\n\n" + inspect.cleandoc(serve_cmd.__doc__ or "")
+)

@@ -1,7 +1,8 @@
 """`rft validate FILE`: check a data file before spending compute on it.
 
 Exit status: 0 when every row is valid, 1 when some rows were rejected (they are in the rejects
-file), 2 when the file cannot be used at all (the message goes to stderr, without a traceback).
+file, under the output directory: `<output_dir>/rejects/`, or where `--rejects` says; its path is
+printed), 2 when the file cannot be used at all (the message goes to stderr, without a traceback).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def validate_cmd(
     ] = None,
     rejects: Annotated[
         Path | None,
-        typer.Option("--rejects", help="Where to write rejected rows (default: <FILE>.rejects.jsonl)."),
+        typer.Option("--rejects", help="Where to write rejected rows (default: <output_dir>/rejects/<FILE name>"
+                     ".rejects.jsonl, output_dir from --config, else rft_runs: your outputs, not your data's directory)."),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     numeric: Annotated[
@@ -72,7 +74,8 @@ def validate_cmd(
     if numeric is None:
         numeric = grader_is_numeric(cfg)
     try:
-        report = validate_file(file, cfg.data, rejects_path=rejects, numeric=numeric, format=format,
+        report = validate_file(file, cfg.data, rejects_path=rejects, rejects_dir=Path(cfg.output_dir).resolve() / "rejects",
+                               numeric=numeric, format=format,
                                inputs={"config file": config, "grader file": cfg.grader.file})
     except DataError as exc:
         option = _OPTION_FOR_SETTING.get(getattr(exc, "setting", None) or "")

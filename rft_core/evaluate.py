@@ -17,12 +17,12 @@ from transformers import PreTrainedTokenizerBase
 
 from rft_core.config import RFTConfig
 from rft_core.generation import generate, row_seeds
-from rft_core.graders import grade_batch
-from rft_core.graders.numeric import extract_answer, parse_number
-from rft_core.guards import check_grader_errors
 from rft_core.models import decode, end_of_response, prompt_token_ids
 from rft_core.progress import progress
-from rft_core.training import item_records
+
+# The graders, the guards and the training helpers are imported where evaluation uses them: the
+# served model (rft_core.tracking.models) generates with `sample_completions` from this module,
+# and a logged model carries only what generation needs (mlflow, torch, transformers).
 
 
 @dataclass
@@ -36,6 +36,8 @@ class EvalReport:
     def check_grader_errors(self, limit: float, where: str) -> None:
         """Fail (`guards.GraderFailing`) when more than the share `limit` of the graded samples
         were grader errors."""
+        from rft_core.guards import check_grader_errors
+
         share = self.metrics.get("grader_error_share", 0.0)
         graded = self.metrics.get("graded", 0.0)
         check_grader_errors(share * graded, graded, limit, where, self.errors)
@@ -111,6 +113,8 @@ def sample_completions(
 
 
 def _vote_key(text: str) -> str:
+    from rft_core.graders.numeric import extract_answer, parse_number
+
     answer = extract_answer(text)
     if answer is None:
         return " ".join(text.lower().split())
@@ -160,6 +164,9 @@ def evaluate(
     `eval.temperature` (the k samples, or one per item), the figure OpenAI's RFT dashboard plots.
     `progress_task` names the evaluation in the progress display (none: not shown).
     """
+    from rft_core.graders import grade_batch
+    from rft_core.training import item_records
+
     ev = cfg.eval
     k = ev.k if k is None else k
     n_sampled = k if k > 0 else int(sampled)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -25,6 +24,10 @@ from rft_core.integrity import reading
 
 if TYPE_CHECKING:
     import pandas as pd
+    from peft import LoraConfig, PeftModel
+
+# peft is imported where LoRA is used: a logged model that serves a full model (see
+# rft_core.tracking.models) loads this module without it.
 
 # Library progress bars for every shard load/save drown the stage's own progress lines.
 hf_logging.disable_progress_bar()
@@ -109,6 +112,8 @@ def load_model(
 
 def lora_config(cfg: ModelConfig) -> LoraConfig:
     """The peft LoraConfig the `model.lora` section describes."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
@@ -121,11 +126,15 @@ def lora_config(cfg: ModelConfig) -> LoraConfig:
 
 def add_lora(model: PreTrainedModel, cfg: ModelConfig) -> PeftModel:
     """Wrap `model` with fresh LoRA adapters (B = 0, so the wrapped model equals the base)."""
+    from peft import get_peft_model
+
     return get_peft_model(model, lora_config(cfg))
 
 
 def merge_lora(model: torch.nn.Module) -> PreTrainedModel:
     """Fold LoRA adapters into the weights; a plain model passes through unchanged."""
+    from peft import PeftModel
+
     if isinstance(model, PeftModel):
         return model.merge_and_unload()
     return model

@@ -73,12 +73,20 @@ def _model_problems(cfg: RFTConfig) -> list[str]:
     name = cfg.model.name_or_path
     if name == "tiny":
         return []
+    problem = model_path_problem(name, "model.name_or_path")
+    return [problem] if problem else []
+
+
+def model_path_problem(name: str, setting: str) -> str | None:
+    """Why `name`, when it names a local directory, holds no saved model (None: it does, or it is a
+    hub id, checked when it loads). A name is local when it is absolute, starts with `.` or `~`,
+    exists, or has more than one `/` (a hub id is `org/name`)."""
     path = Path(name).expanduser()
-    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists() or name.count("/") > 1
     if not looks_local:
-        return []
+        return None
     if not path.is_dir():
-        return [f"model.name_or_path: {name} is not a directory (a local model is a directory with config.json)"]
+        return f"{setting}: {name} is not a directory (a local model is a directory with config.json)"
     if not (path / "config.json").is_file():
-        return [f"model.name_or_path: {name} has no config.json (not a saved model directory)"]
-    return []
+        return f"{setting}: {name} has no config.json (not a saved model directory)"
+    return None

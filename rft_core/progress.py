@@ -2,7 +2,9 @@
 two displays.
 
 A loop opens `progress(task, total, unit)` and calls `update(done, **latest)` as it goes (latest:
-the figures worth watching, e.g. loss or reward). What shows is decided by whoever runs the loop,
+the figures worth watching, e.g. loss or reward). Work that the count does not show (a validation,
+a checkpoint, the phase a loop is in) is named with `note(text)`, or `with doing(text):` for the
+time it takes, so that a bar sitting at 49/50 says what it waits for. What shows is decided by whoever runs the loop,
 not by the loop: by default plain log lines on the `rft.progress` logger, about ten per task
 plus the last one, with rate and time left (what Prefect's logs, CI and files want); a command
 running on a terminal installs a live display instead (`set_reporter`, see `rft/progress.py`).
@@ -29,6 +31,8 @@ class Reporter(Protocol):
 
     def finish(self, handle: Any) -> None: ...
 
+    # Optional: `note(handle, text)` names the work going on beside the count (None: nothing).
+
 
 def format_latest(latest: Mapping[str, float]) -> str:
     """`loss 0.531 val_accuracy 0.120`: the figures in the order given, 3 significant decimals."""
@@ -41,7 +45,8 @@ def format_seconds(seconds: float) -> str:
 
 
 class LogReporter:
-    """Plain lines: `sft 40/400 steps (3.2/s, 1m52s left) loss 0.531`, about every tenth of a task."""
+    """Plain lines: `sft 40/400 steps (3.2/s, 1m52s left) loss 0.531`, about every tenth of a task,
+    with the work or phase named beside the count when there is one (`; critic warm-up 1/10: ...`)."""
 
     def __init__(self, lines_per_task: int = 10):
         self.lines_per_task = lines_per_task
@@ -63,10 +68,25 @@ class LogReporter:
         left = (handle["total"] - done) / rate if rate > 0 else float("nan")
         timing = f"{rate:.2f}/s, {format_seconds(left)} left" if rate > 0 else "starting"
         extra = format_latest(latest)
+        handle["done"] = done
+        # The phase the figures come from (a critic warm-up's `kl 0.000` is not a policy that
+        # stopped moving): the note standing when the count moved, on the same line.
+        phase = handle.get("note")
         logger.info(
-            "%s %d/%d %s (%s)%s", handle["task"], done, handle["total"], handle["unit"], timing,
-            f" {extra}" if extra else "",
+            "%s %d/%d %s (%s)%s%s", handle["task"], done, handle["total"], handle["unit"], timing,
+            f" {extra}" if extra else "", f"; {phase}" if phase else "",
         )
+
+    def note(self, handle: dict[str, Any], text: str | None) -> None:
+        """A line when the work beside the count changes (`sft 50/50 steps: validating`): at the
+        last unit (where a long wait is), or at most about `lines_per_task` times over the task."""
+        done, total = handle.get("done", 0), handle["total"]
+        every = max(1, total // self.lines_per_task)
+        last = handle.get("noted_at")
+        if text and text != handle.get("note") and (done >= total or last is None or done - last >= every):
+            logger.info("%s %d/%d %s: %s", handle["task"], done, total, handle["unit"], text)
+            handle["noted_at"] = done
+        handle["note"] = text
 
     def finish(self, handle: dict[str, Any]) -> None:
         pass
@@ -83,13 +103,30 @@ def set_reporter(reporter: Reporter | None) -> Reporter:
 
 
 class Progress:
-    """What a loop holds: `update(done, **latest)`."""
+    """What a loop holds: `update(done, **latest)`, `note(text)`, `doing(text)`."""
 
     def __init__(self, reporter: Reporter, handle: Any):
         self._reporter, self._handle = reporter, handle
+        self._note: str | None = None
 
     def update(self, done: int, **latest: float) -> None:
         self._reporter.update(self._handle, done, latest)
+
+    def note(self, text: str | None) -> None:
+        """Name the phase or work beside the count (None: nothing), e.g. `critic warm-up`."""
+        self._note = text
+        if hasattr(self._reporter, "note"):
+            self._reporter.note(self._handle, text)
+
+    @contextlib.contextmanager
+    def doing(self, text: str) -> Iterator[None]:
+        """Name the work of the block beside the count (`validating`), then the note before it."""
+        before = self._note
+        self.note(f"{before}; {text}" if before else text)
+        try:
+            yield
+        finally:
+            self.note(before)
 
 
 class _Silent:

@@ -14,6 +14,7 @@ this one process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -227,12 +228,17 @@ def train_examples(
             save_weights(processes, model, processes.unwrap(model), best_dir, step=step)
         processes.wait()
 
-    if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
-        run_eval(0)
-    model.train()
-    started = time.perf_counter()
-    tokens_seen = 0
-    with progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main) as bar, deferring_stops():
+    with contextlib.ExitStack() as stack:
+        # The bar opens first: the starting model's validation shows on it (not a blank while it
+        # runs); stop requests wait for step boundaries from the first step on, as before.
+        bar = stack.enter_context(progress(task, total_steps, "steps", start=start_step, enabled=processes.is_main))
+        if start_step == 0 and evaluate_fn is not None and settings.eval_interval:
+            with bar.doing("validating the starting model"):
+                run_eval(0)
+        model.train()
+        started = time.perf_counter()
+        tokens_seen = 0
+        stack.enter_context(deferring_stops())
         for step in range(start_step, total_steps):
             # Per-step seed: dropout and friends replay exactly after a resume.
             torch.manual_seed(settings.seed * 1_000_003 + step * 7919 + rank)
@@ -267,22 +273,26 @@ def train_examples(
                     },
                     done,
                 )
-            if settings.eval_interval and done % settings.eval_interval == 0 and done != total_steps:
-                run_eval(done)
             last = done == total_steps
-            if last:
-                run_eval(done)
+            # The step is done: the bar says so before a validation or a checkpoint, and names them
+            # while they run (a bar at 49/50 for the last validation would say nothing).
             bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
+            if evaluate_fn is not None and (last or (settings.eval_interval and done % settings.eval_interval == 0)):
+                with bar.doing("validating"):
+                    run_eval(done)
+                bar.update(done, loss=step_loss, **_latest_validation(state["history"]))
             stopping = stop_after_step(processes)  # Ctrl-C, SIGTERM: checkpoint, then stop
             if stopping or (settings.checkpoint_interval and done % settings.checkpoint_interval == 0) or last:
-                model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
-                optimizer_state = processes.optimizer_state(model, optimizer)
-                if processes.is_main:
-                    save_checkpoint(
-                        ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
-                        optimizer_state=optimizer_state, scheduler=scheduler, state=state, model_state=model_state,
-                    )
-                processes.wait()
+                with bar.doing("saving a checkpoint"):
+                    model_state = processes.full_state_dict(model)  # these two gather with FSDP: every process
+                    optimizer_state = processes.optimizer_state(model, optimizer)
+                    if processes.is_main:
+                        save_checkpoint(
+                            ckpt_root, done, model=processes.unwrap(model), tokenizer=tokenizer,
+                            optimizer_state=optimizer_state, scheduler=scheduler, state=state,
+                            model_state=model_state,
+                        )
+                    processes.wait()
             if stopping:
                 raise TrainingStopped(task, done, total_steps, ckpt_root / f"step-{done}")
 
@@ -405,6 +415,6 @@ def train_language_model(
 
     trained, _, _ = train_examples(
         make_model=make_model, tokenizer=tokenizer, examples=examples, settings=settings,
-        out_dir=out_dir, processes=processes, log=log, task="pretrain", lr_key="model.tiny.pretrain_lr",
+        out_dir=out_dir, processes=processes, log=log, task="pretrain tiny model", lr_key="model.tiny.pretrain_lr",
     )
     return trained

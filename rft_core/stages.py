@@ -55,8 +55,52 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-# The config fields each stage reads. A change elsewhere does not invalidate the stage.
+# The config fields each stage reads. A change elsewhere does not invalidate the stage: only what
+# changes what a stage computes (its result, or whether it succeeds) enters its key. Nowhere: the
+# experiment and run names, the top-level `seed` (no stage reads it), `tracking` and `registry`
+# (where results are recorded, not what they are), `grader.workers` (how many processes grade),
+# `*.checkpoint_interval` (a resumed run ends with the same weights as a straight one).
 _SPLIT_FIELDS = ("val_fraction", "val_size", "seed", "max_items", "near_duplicate_threshold")
+# The eval settings that validation during training reads (`evaluate.validation_metrics`): greedy
+# completions of every item (or `max_items`), graded against `pass_threshold`, and with
+# `sampled_validation` one sampled completion per item. `k` and `num_logged_samples` are the
+# evaluate stage's alone.
+_VALIDATION_FIELDS = ("max_items", "max_new_tokens", "batch_size", "pass_threshold", "sampled_validation")
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed")
+_GRADING_FIELDS = ("timeout_s", "memory_mb", "sandbox", "max_error_share")
+
+
+def grading_settings(cfg: RFTConfig) -> dict[str, Any]:
+    """What decides a grade: the grader JSON itself (a file's content, not its path), the python
+    grader's limits and isolation, and the error share past which a stage fails."""
+    return {"spec": cfg.grader.resolved_spec(), **{name: getattr(cfg.grader, name) for name in _GRADING_FIELDS}}
+
+
+def validation_settings(cfg: RFTConfig) -> dict[str, Any]:
+    """What validation during a training stage reads (it picks the best checkpoint, and the RL
+    guard acts on it): the eval fields above, the sampling fields when it samples, the grading,
+    and the prompt cut (`rl.max_prompt_length`, which every rendering of a prompt shares)."""
+    fields = _VALIDATION_FIELDS + (_SAMPLING_FIELDS if cfg.eval.sampled_validation else ())
+    return {
+        "eval": {name: getattr(cfg.eval, name) for name in fields},
+        "grading": grading_settings(cfg),
+        "max_prompt_length": cfg.rl.max_prompt_length,
+    }
+
+
+def model_settings(cfg: RFTConfig) -> dict[str, Any]:
+    """The model section as training reads it: `model.tiny` only for the built-in tiny model, which
+    also pretrains on documents of the synthetic task's family (`data.synthetic`)."""
+    model = cfg.model.model_dump(mode="json")
+    if cfg.model.name_or_path == "tiny":
+        model["pretraining_family"] = cfg.data.synthetic.model_dump(mode="json")
+    else:
+        model.pop("tiny")
+    return model
+
+
+def _without(section: Any, *names: str) -> dict[str, Any]:
+    return {key: value for key, value in section.model_dump(mode="json").items() if key not in names}
 
 
 def validate_key(cfg: RFTConfig) -> str:
@@ -79,17 +123,23 @@ def split_key(cfg: RFTConfig, data: DataRecord) -> str:
 
 
 def sft_key(cfg: RFTConfig, split: SplitRecord) -> str:
-    sections = cfg.model_dump(mode="json", include={"model", "sft", "grader", "eval", "seed"})
-    return hash_of("sft", split.digest, sections, CODE_VERSION)
+    """The split, the model (and the tiny model's pretraining), the sft section, validation."""
+    sft = _without(cfg.sft, "checkpoint_interval")
+    return hash_of("sft", split.digest, model_settings(cfg), sft, validation_settings(cfg), CODE_VERSION)
 
 
 def rl_key(cfg: RFTConfig, sft: ModelRecord) -> str:
-    return hash_of("rl", sft.key, cfg.model_dump(mode="json", include={"rl"}), CODE_VERSION)
+    """The model RL starts from, the rl section (its guard and validation interval included: they
+    decide the weights it ends with), the model section, the grader (the reward) and validation."""
+    rl = _without(cfg.rl, "checkpoint_interval")
+    return hash_of("rl", sft.key, rl, model_settings(cfg), validation_settings(cfg), CODE_VERSION)
 
 
 def evaluate_key(cfg: RFTConfig, models: dict[str, ModelRecord]) -> str:
-    sections = cfg.model_dump(mode="json", include={"eval", "grader"})
-    return hash_of("evaluate", {k: m.key for k, m in models.items()}, sections, CODE_VERSION)
+    """The evaluated models, the whole eval section, the grading and the prompt cut."""
+    settings = {"eval": cfg.eval.model_dump(mode="json"), "grading": grading_settings(cfg),
+                "max_prompt_length": cfg.rl.max_prompt_length}
+    return hash_of("evaluate", {k: m.key for k, m in models.items()}, settings, CODE_VERSION)
 
 
 def register_key(cfg: RFTConfig, evaluation: EvalRecord, tracking_uri: str | None) -> str:
@@ -158,6 +208,7 @@ class ModelRecord:
     run_id: str | None = None
     seconds: float = 0.0
     events: list[dict[str, Any]] = field(default_factory=list)  # what the RL guard did, in order
+    pretrain_seconds: float = 0.0  # of `seconds`: building and pretraining the tiny model (sft only)
 
     def outputs(self) -> list[str]:
         # An absolute path is a directory rft wrote (a stage's model, the tiny model); anything
@@ -378,13 +429,18 @@ def sft_stage(cfg: RFTConfig, split: SplitRecord, track: Tracking | None = None)
     params = {"model": cfg.model.model_dump(mode="json"), "sft": cfg.sft.model_dump(mode="json"),
               "compute": cfg.compute.model_dump(mode="json")}
     with track.stage("sft", params) as run_id:
+        building = time.perf_counter()
         base = base_model_path(cfg, split, log=track.logger(run_id, "pretrain"))
+        # The tiny model's pretraining runs here, before SFT: timed apart, so that the run's
+        # stage times show it as what it is.
+        pretrain = time.perf_counter() - building if cfg.model.name_or_path == "tiny" else 0.0
         if not cfg.sft.enabled:
-            return ModelRecord(key, "sft", base, run_id=run_id, seconds=time.perf_counter() - started)
+            return ModelRecord(key, "sft", base, run_id=run_id, seconds=time.perf_counter() - started,
+                               pretrain_seconds=pretrain)
         # In this process or on several (`compute`): the same update, so the same key.
         result = run_stage(StageJob("sft", cfg, split.train_items, split.val_items, base, str(work),
                                     run_id=run_id, tracking_uri=track.tracking_uri))
-        record = ModelRecord(key, "sft", result.model_dir, result.metrics, run_id=run_id)
+        record = ModelRecord(key, "sft", result.model_dir, result.metrics, run_id=run_id, pretrain_seconds=pretrain)
         if run_id:
             _log_metrics(track, run_id, "sft", {f"final_{k}": v for k, v in result.metrics.items() if k != "step"})
             if cfg.tracking.log_models:
@@ -536,10 +592,14 @@ def evaluate_stage(
 def register_stage(
     cfg: RFTConfig, split: SplitRecord, final: ModelRecord, evaluation: EvalRecord, track: Tracking
 ) -> RegisterRecord:
-    """Register the trained model as a new version (alias `challenger`), tagged with its metrics."""
-    if track.parent_run_id is None or final.model_uri is None:
-        raise ValueError("registering needs MLflow tracking and a logged model (tracking.log_models)")
+    """Register the trained model as a new version (alias `challenger`), tagged with its metrics.
+    The model is the one its stage logged, or logged now when this store does not hold it
+    (`model_in_store`)."""
+    if track.parent_run_id is None:
+        raise ValueError("registering needs MLflow tracking")
     from rft_core.guards import weights_finite
+
+    model_uri, model_run = model_in_store(cfg, final, track)
 
     metrics = {f"eval/{k}": v for k, v in evaluation.metrics[final.stage].items()}
     # What the gate checks whatever the champion (tracking.gate.Health): the figures of the model
@@ -552,9 +612,9 @@ def register_stage(
         run_id=track.parent_run_id,
     )
     version = tracking.register_model(
-        final.model_uri,
+        model_uri,
         cfg.registry.model_name,
-        run_id=final.run_id,
+        run_id=model_run,
         metrics=metrics,
         data_digest=split.val_digest,
         config_digest=cfg.digest(),
@@ -563,6 +623,22 @@ def register_stage(
         tracking_uri=track.tracking_uri,
     )
     return RegisterRecord(cfg.registry.model_name, version, f"models:/{cfg.registry.model_name}/{version}")
+
+
+def model_in_store(cfg: RFTConfig, record: ModelRecord, track: Tracking) -> tuple[str, str | None]:
+    """(model URI, run id) of the stage's model in this pipeline run's store. A cached stage logged
+    its model where it ran: in another store (tracking.tracking_uri changed since), or nowhere
+    (tracking.log_models was off). Neither changes the model, so training is not run again: the
+    model directory is logged here, on this pipeline run's child run of the stage."""
+    if record.model_uri and tracking.logged_model_exists(record.model_uri, tracking_uri=track.tracking_uri):
+        return record.model_uri, record.run_id
+    with track.stage(record.stage) as run_id:
+        assert run_id is not None  # track has a parent run
+        uri = tracking.log_model(run_id, record.model_dir, serving=tracking.serving_settings(cfg),
+                                 tracking_uri=track.tracking_uri)
+    logger.info("logged the %s model %s to %s (its cached stage logged it elsewhere, or not at all)",
+                record.stage, record.model_dir, track.tracking_uri)
+    return uri, run_id
 
 
 def model_evaluator(cfg: RFTConfig, split: SplitRecord, tracking_uri: str | None) -> tracking.Evaluator:
@@ -599,6 +675,34 @@ def promote_stage(
             tracking_uri=track.tracking_uri,
         )
     return decision
+
+
+def mark_rerun(
+    track: Tracking,
+    reused: dict[str, tuple[str, str]],
+    computed: list[str],
+    split: SplitRecord,
+    models: dict[str, ModelRecord],
+    evaluation: EvalRecord,
+) -> str | None:
+    """A pipeline run that reused stages of earlier runs: put on its MLflow run what those stages
+    put on the pipeline run that computed them (the validation data's digest, the RL guard's
+    events, the final model's `eval/*` metrics), so that it reads like a whole run in the runs
+    table, and link the runs that did the work (`tracking.mark_rerun`: its name, description and
+    `rft.rerun_of` say it is a rerun). Returns the run's new name, or None (nothing was reused)."""
+    if not reused or track.parent_run_id is None:
+        return None
+    parent, uri = track.parent_run_id, track.tracking_uri
+    if "split" in reused:
+        tracking.set_tags(parent, {tags.TAG_DATA_DIGEST: split.val_digest}, tracking_uri=uri)
+    rl = models.get("rl")
+    if "rl" in reused and rl is not None and rl.events:
+        tracking.set_tags(parent, {tags.TAG_GUARD: guard_summary(rl.events)}, tracking_uri=uri)
+    if "evaluate" in reused:
+        final = list(models)[-1]
+        _log_metrics(track, parent, "eval", evaluation.metrics[final])
+    ran = [stage for stage in computed if stage != "promote"]  # the gate is never cached
+    return tracking.mark_rerun(parent, reused, ran=ran, tracking_uri=uri)
 
 
 # --------------------------------------------------------------------------- the picture

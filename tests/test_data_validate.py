@@ -303,12 +303,36 @@ def test_cli_exit_0_when_every_row_is_valid():
     assert "10 rows, 10 valid, all rows valid" in result.stdout
 
 
-def test_cli_exit_1_and_readable_report_when_rows_are_rejected(bad_rows):
+def test_cli_exit_1_and_readable_report_when_rows_are_rejected(bad_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["validate", str(bad_rows)])
     assert result.exit_code == 1
     assert "9 rows, 2 valid, 7 rejected" in result.stdout
     assert "does not end in '#### <number>'" in result.stdout
     assert "rejected rows written to" in result.stdout and "bad_rows.jsonl.rejects.jsonl" in result.stdout
+
+
+def test_cli_writes_rejects_where_outputs_go_not_beside_the_data_and_says_where(bad_rows, tmp_path, monkeypatch):
+    """Default: `<output_dir>/rejects/` (rft_runs under the working directory, or the config's
+    output_dir), printed whole; the data's directory (a clone of a repository, a shared data set)
+    gets nothing; a clean file clears a stale rejects file there."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(p.name for p in bad_rows.parent.iterdir())
+    result = runner.invoke(app, ["validate", str(bad_rows)])
+    expected = work / "rft_runs" / "rejects" / "bad_rows.jsonl.rejects.jsonl"
+    assert result.exit_code == 1 and f"rejected rows written to {expected}\n" in result.stdout
+    assert len(expected.read_text().splitlines()) == 7
+    assert sorted(p.name for p in bad_rows.parent.iterdir()) == before
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'elsewhere'}\n")
+    result = runner.invoke(app, ["validate", str(bad_rows), "--config", str(config)])
+    assert f"rejected rows written to {tmp_path / 'elsewhere' / 'rejects' / 'bad_rows.jsonl.rejects.jsonl'}" in result.stdout
+    clean = tmp_path / "bad_rows.jsonl"  # the same name, now clean: the old rejects would mislead
+    clean.write_bytes(jsonl_bytes(good(1), good(2)))
+    assert runner.invoke(app, ["validate", str(clean)]).exit_code == 0
+    assert not expected.exists()
 
 
 def test_cli_json_report(bad_rows, tmp_path):

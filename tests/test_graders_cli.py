@@ -42,11 +42,26 @@ def test_one_sample_with_the_default_grader_and_a_multi_grader():
     assert json.loads(result.stdout) == {"reward": 0.9, "sub_rewards": {"answer": 1.0, "format": 0.0}, "errors": []}
 
 
-def test_an_error_result_is_printed_with_its_reason():
+def test_an_error_result_is_printed_with_its_reason_and_exits_1():
     result = invoke("--item", '{"answer": 18}', "--sample", "#### 18")
-    assert result.exit_code == 0
+    assert result.exit_code == 1
     output = json.loads(result.stdout)
     assert output["reward"] is None and "template field 'item.reference' not found" in output["errors"][0]
+
+
+def test_a_judge_endpoint_that_cannot_be_reached_is_an_error_grade_and_exit_1(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = json.loads((EXAMPLES / "score_model.json").read_text())
+    grader = tmp_path / "judge.json"
+    grader.write_text(json.dumps({**spec, "base_url": f"http://127.0.0.1:{port}/v1"}))
+    result = invoke("--grader", str(grader), "--item", '{"reference": "18"}', "--sample", "#### 18")
+    assert result.exit_code == 1, result.output
+    output = json.loads(result.stdout)
+    assert output["reward"] is None and f"127.0.0.1:{port}" in output["errors"][0]
 
 
 def test_files_print_a_summary_and_write_rows(tmp_path):
@@ -56,7 +71,7 @@ def test_files_print_a_summary_and_write_rows(tmp_path):
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"output_text": "#### 1"}, "#### 3", "#### 5"])
     out = tmp_path / "out" / "graded.jsonl"
     result = invoke("--grader", str(grader), "--data", str(data), "--samples", str(samples), "--out", str(out))
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # one grade of three is an error
     assert "graded: 3" in result.stdout and "mean reward: 0.5500" in result.stdout
     assert "errors: 1 (33.3%)" in result.stdout and "holds no number" in result.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]

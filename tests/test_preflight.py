@@ -104,6 +104,22 @@ def test_a_hub_id_is_left_to_the_loader(tmp_path) -> None:
     assert preflight(cfg(tmp_path, "model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct")) == []
 
 
+@pytest.mark.parametrize("name", ["models/qwen2.5-instruct/v2", "rft_runs/stages/sft-0a1b/model", "./model", "~/nope"])
+def test_a_relative_path_of_several_parts_is_a_local_directory_to_check(tmp_path, name) -> None:
+    """A hub id is `org/name`: a name with more parts, or one that starts with . or ~, is a path."""
+    assert preflight(cfg(tmp_path, f"model.name_or_path={name}")) == [
+        f"model.name_or_path: {name} is not a directory (a local model is a directory with config.json)"]
+
+
+def test_rft_train_checks_its_init_model_before_preparing_anything(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "rl", "--init-model", "rft_runs/stages/sft-0a1b/model"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: --init-model: rft_runs/stages/sft-0a1b/model is not a directory "
+                                     "(a local model is a directory with config.json)")
+    assert not (tmp_path / "rft_runs").exists()
+
+
 def test_rft_run_stops_on_preflight_problems_in_one_line_each_before_starting_anything(tmp_path) -> None:
     result = CliRunner().invoke(
         app, ["run", "--set", f"data.train_path={tmp_path / 'nope.jsonl'}", "--set", f"output_dir={tmp_path}"]

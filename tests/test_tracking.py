@@ -546,6 +546,35 @@ def test_rollback_walks_back_the_champion_history(store: str, model_uri: str) ->
     assert tracking.champion_version(name) == v1
 
 
+def test_a_rollback_is_recorded_on_both_versions_and_each_reads_what_it_is_now(store: str, model_uri: str) -> None:
+    name = "gate-status"
+    v1, v2, v3, v4 = (register(model_uri, name, value) for value in (0.1, 0.2, 0.3, 0.25))
+    for version in (v1, v2, v3):
+        assert gate(name, version).promoted
+    assert not gate(name, v4).promoted
+    assert tracking.rollback(name) == v2
+    versions = client(store)
+    demoted = versions.get_model_version(name, str(v3))
+    assert demoted.tags["gate.decision"] == "rolled back" and demoted.tags["gate.rule"] == "rollback"
+    history = json.loads(demoted.tags["gate.history"])
+    assert [entry["gate.decision"] for entry in history] == ["promoted", "rolled back"]
+    assert f"champion moved back to v{v2}" in history[-1]["gate.reason"]
+    assert "**rolled back**" in demoted.description and "Earlier decisions:" in demoted.description
+    restored = versions.get_model_version(name, str(v2))
+    assert [e["gate.decision"] for e in json.loads(restored.tags["gate.history"])] == ["promoted", "restored"]
+    status = {row["version"]: (row["status"], row["status_detail"]) for row in tracking.list_versions(name)}
+    assert status == {v1: ("replaced", f"by v{v2}"), v2: ("champion", None),
+                      v3: ("rolled back", f"rolled back: champion moved back to v{v2}"),
+                      v4: ("refused", "not-better")}
+    # Rolled back again: v2 is the demoted one now, v1 champion again; v3 stays rolled back.
+    assert tracking.rollback(name) == v1
+    status = {row["version"]: row["status"] for row in tracking.list_versions(name)}
+    assert status == {v1: "champion", v2: "rolled back", v3: "rolled back", v4: "refused"}
+    # Promoted again through the gate, a rolled-back version reads champion.
+    assert gate(name, v3).promoted
+    assert {row["version"]: row["status"] for row in tracking.list_versions(name)}[v3] == "champion"
+
+
 def test_racing_promotions_leave_the_better_version_champion(store: str, model_uri: str) -> None:
     name = "gate-race"
     v1 = register(model_uri, name, 0.5, data="val-old")
@@ -795,8 +824,42 @@ def test_cli_promote_rollback_and_models(store: str, model_uri: str, cli: typer.
     result = invoke(cli, "models", name, "--tracking-uri", store, "--json")
     rows = json.loads(result.output)
     assert [r["aliases"] for r in rows] == [[], ["champion"], ["challenger"]]
+    assert [r["status"] for r in rows] == ["replaced", "champion", "rolled back"]
     table = CliRunner(env={"COLUMNS": "200"}).invoke(cli, ["models", name, "--tracking-uri", store])
     assert table.exit_code == 0 and "champion" in table.output and "eval/accuracy" in table.output
+
+
+@pytest.mark.parametrize("width", [60, 80, 120])
+def test_cli_models_fits_the_width_with_whole_words_full_run_ids_and_links(
+    store: str, model_uri: str, cli: typer.Typer, width: int
+) -> None:
+    name = f"cli-width-{width}"
+    versions = [register(model_uri, name, value) for value in (0.5, 0.7, 0.6)]
+    for version in versions[:2]:
+        gate(name, version)
+    assert not gate(name, versions[2]).promoted
+    tracking.rollback(name)
+    result = CliRunner(env={"COLUMNS": str(width)}).invoke(cli, ["models", name, "--tracking-uri", store])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    words = result.output.split()
+    rows = tracking.list_versions(name)
+    run_ids = {row["run_id"] for row in rows}
+    assert all(len(run_id) == 32 for run_id in run_ids)
+    for row in rows:
+        # The whole run id, and the version's page in the UI, each on a line of its own.
+        assert f"v{row['version']}  run {row['run_id']}" in lines
+        page = f"  page http://127.0.0.1:5000/#/models/{name}/versions/{row['version']}"
+        assert page in lines
+    assert f"The pages open once the MLflow UI runs: {tracking.ui_command(store)}" in lines
+    whole = [line for line in lines if " run " in line or "page http" in line or "MLflow UI runs" in line
+             or line.startswith(f"{name}: ")]
+    assert all(len(line) <= width for line in lines if line not in whole), result.output
+    # Nothing folded inside a word: every status word, alias and figure is there whole.
+    for word in ("champion", "challenger", "rolled", "back", "refused", "eval/accuracy",
+                 "eval/accuracy=0.5", "eval/accuracy=0.7", "eval/accuracy=0.6", "(not-better)"):
+        assert word in words, (word, result.output)
+    assert "…" not in result.output
 
 
 def test_cli_reads_mlflow_tracking_uri_from_the_environment(
@@ -835,3 +898,44 @@ def test_cli_unreachable_server_and_missing_store_exit_2(cli: typer.Typer, tmp_p
     result = CliRunner().invoke(cli, ["models", "x", "--tracking-uri", f"sqlite:///{missing}"])
     assert result.exit_code == 2 and f"no MLflow store at {missing}" in result.stderr
     assert not missing.exists()
+
+
+def _open_store_at_once(uri: str, barrier: object, name: str, results: object) -> None:
+    """A process that uses the store as a job or the API server does, after all of them are ready."""
+    try:
+        barrier.wait(timeout=120)
+        from rft_core.tracking.uri import mlflow_client
+
+        client = mlflow_client(uri)
+        client.create_experiment(name)
+        client.search_registered_models(max_results=1)
+        results.put((name, "ok"))
+    except BaseException as exc:  # reported to the test, whatever it is
+        results.put((name, f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start", ["no-file", "empty-file", "created"])
+def test_processes_that_open_one_sqlite_store_at_once_all_succeed(tmp_path: Path, start: str) -> None:
+    """MLflow's schema migration is not safe against two processes migrating a fresh file at the
+    same moment ("Online migration expected to match one row"): `configure` makes the schema under
+    a lock, so the API server and its jobs, or jobs started together, all find a usable store."""
+    import multiprocessing
+
+    db = tmp_path / "store" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    if start == "empty-file":
+        db.parent.mkdir()
+        db.touch()
+    elif start == "created":
+        MlflowClient(uri).search_experiments()
+    context = multiprocessing.get_context("spawn")  # fresh processes, as the API's workers are
+    barrier, results = context.Barrier(4), context.Queue()
+    procs = [context.Process(target=_open_store_at_once, args=(uri, barrier, f"e{i}", results)) for i in range(4)]
+    for proc in procs:
+        proc.start()
+    outcomes = dict(results.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert outcomes == {f"e{i}": "ok" for i in range(4)}
+    assert sorted(e.name for e in MlflowClient(uri).search_experiments()) == ["Default", "e0", "e1", "e2", "e3"]

@@ -12,7 +12,7 @@ from rft.errors import fail
 
 ModelOption = Annotated[
     list[str] | None,
-    typer.Option("--model", help="A base model jobs may name: NAME=HUB_ID_OR_LOCAL_DIR (repeatable; rft-tiny is built in)."),
+    typer.Option("--model", metavar="NAME=HUB_ID_OR_LOCAL_DIR", help="A base model jobs may name: NAME=HUB_ID_OR_LOCAL_DIR (repeatable; rft-tiny is built in)."),
 ]
 
 
@@ -33,7 +33,7 @@ def api_cmd(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     data_dir: Annotated[Path, typer.Option("--data-dir", help="Where files, jobs, models and the tracking store live.")] = Path("rft_api"),
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Base config of every job (default: rft's defaults).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a base config field: section.key=value.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", "-s", metavar="SECTION.KEY=VALUE", help="Override a base config field (repeatable).")] = None,
     api_keys_file: Annotated[Path | None, typer.Option("--api-keys-file", help="Accepted bearer keys, one per line (also RFT_API_KEYS).")] = None,
     model: ModelOption = None,
     max_concurrent_jobs: Annotated[int, typer.Option("--max-concurrent-jobs", min=1, help="Jobs running at once; the rest queue.")] = 1,

@@ -60,9 +60,9 @@ CSV_COLUMNS = ("step", "train_loss", "valid_loss", "train_reward_mean", "valid_r
 
 
 def _client(settings: ServerSettings):
-    from mlflow import MlflowClient
+    from rft_core.tracking.uri import mlflow_client
 
-    return MlflowClient(settings.tracking_uri)
+    return mlflow_client(settings.tracking_uri)  # through configure: the store's schema made once
 
 
 def training_runs(settings: ServerSettings, job: Job) -> list[Any]:

@@ -79,12 +79,11 @@ def finish(settings: ServerSettings, store: Store, job: Job, cfg: Any, summary: 
 def finish_from_tracking(settings: ServerSettings, store: Store, job: Job) -> None:
     """Record a job whose pipeline ran elsewhere (a run of the Prefect deployment): its summary read
     back from the MLflow parent run named after the job and from the job's stage directories."""
-    from mlflow import MlflowClient
-
     from rft_core.tracking import tags
+    from rft_core.tracking.uri import mlflow_client
 
     cfg = read_config(settings, job.id)
-    client = MlflowClient(settings.tracking_uri)
+    client = mlflow_client(settings.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{job.id}'",
                               order_by=["attributes.start_time DESC"]) if experiment else []

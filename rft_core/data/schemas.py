@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import pyarrow as pa_arrow
 import pyarrow.parquet as pq
 
 from rft_core.graders.numeric import extract_number
+from rft_core.text import invisible_names, is_blank, is_invisible  # noqa: F401  (re-exported)
 
 STRING = pd.StringDtype("pyarrow")
 CANONICAL_COLUMNS = ("id", "prompt", "messages", "reference", "solution")
@@ -101,40 +101,7 @@ def is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-# Code points that show nothing but are not whitespace or format/control characters: Unicode's
-# other default-ignorables (combining grapheme joiner, Hangul fillers, Khmer inherent vowels,
-# Mongolian free variation selectors, variation selectors) and the blank Braille pattern.
-_OTHER_INVISIBLE = frozenset(
-    chr(code)
-    for code in (
-        0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0,
-        *range(0x180B, 0x1810), *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0),
-    )
-)
-# Whitespace and separators (Z*), controls (Cc), format characters (Cf: zero-width space and
-# joiners U+200B-U+200D, word joiner U+2060, BOM U+FEFF, bidi marks, soft hyphen, tag characters).
-_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
-
-
-def is_invisible(char: str) -> bool:
-    """Whether one character shows nothing on its own (whitespace, zero-width, format, control)."""
-    return char.isspace() or char in _OTHER_INVISIBLE or unicodedata.category(char) in _INVISIBLE_CATEGORIES
-
-
-def is_blank(text: str) -> bool:
-    """Whether a text shows nothing: empty, or only whitespace and invisible characters.
-
-    >>> is_blank(" \u200b\u2060\ufeff "), is_blank("\u200bx")
-    (True, False)
-    """
-    return all(is_invisible(char) for char in text)
-
-
-def invisible_names(text: str, limit: int = 3) -> str:
-    """'U+200B ZERO WIDTH SPACE, U+2060 WORD JOINER': the distinct non-space characters of a blank text."""
-    chars = list(dict.fromkeys(char for char in text if not char.isspace()))
-    shown = [f"U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}" for c in chars[:limit]]
-    return ", ".join(shown) + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+# is_invisible, is_blank, invisible_names: in rft_core.text (the served model checks prompts with them).
 
 
 def is_not_blank(value: Any) -> bool:

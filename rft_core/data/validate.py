@@ -1,4 +1,4 @@
-"""Validate a data file: load it, write its rejected rows beside it, and report what was found.
+"""Validate a data file: load it, write its rejected rows aside, and report what was found.
 
 The report is what `rft validate` prints and what the pipeline's `validate` stage logs: counts
 that add up (`rows == valid + rejected`), every problem with its file, line, field and reason, and
@@ -130,6 +130,7 @@ def validate_file(
     cfg: DataConfig | None = None,
     *,
     rejects_path: str | Path | None = None,
+    rejects_dir: str | Path | None = None,
     numeric: bool = False,
     format: str | None = None,
     inputs: Mapping[str, str | Path | None] | None = None,
@@ -137,8 +138,10 @@ def validate_file(
     """Load `path`, write its rejected rows, and report.
 
     Rejects go to `rejects_path` if given (written even when empty, so a caller who names it always
-    finds it), else to `default_rejects_path` when some row was rejected. A clean file leaves no
-    rejects file, and removes a stale one beside it (it would describe other data).
+    finds it), else, when some row was rejected, to `<rejects_dir>/<file name>.rejects.jsonl` (the
+    place of the caller's outputs: `rft validate` gives `<output_dir>/rejects`), or without
+    `rejects_dir` to `default_rejects_path`. A clean file leaves no rejects file, and removes a
+    stale one where it would have gone (it would describe other data).
     The rejects file is never the data file nor one of the caller's other `inputs`
     ({"config file": path, ...}): that is refused (DataError) before the file is read.
     Raises DataError when the file is unusable as a whole.
@@ -150,14 +153,15 @@ def validate_file(
     if rejects_path is not None:
         written: Path | None = write_rejects(result.rejects, rejects_path)
     elif result.rejects:
-        default = default_rejects_path(path)
+        default = Path(rejects_dir) / (Path(path).name + REJECTS_SUFFIX) if rejects_dir else default_rejects_path(path)
         _refuse_inputs(default, protected)
         written = write_rejects(result.rejects, default)
     else:
         written = None
-        # Only the file beside the data is ours to clear; a same-named one in the cwd may not be,
-        # and neither is one that is an input of this call.
-        stale = Path(path).with_name(Path(path).name + REJECTS_SUFFIX)
+        # Only the file where this call writes is ours to clear (beside the data, or in
+        # `rejects_dir`); a same-named one in the cwd may not be, and neither is an input of this call.
+        where = Path(rejects_dir) if rejects_dir else Path(path).parent
+        stale = where / (Path(path).name + REJECTS_SUFFIX)
         ours = not any(p is not None and same_file(stale, p) for p in protected.values())
         if ours and stale.is_file() and os.access(stale.parent, os.W_OK):
             stale.unlink(missing_ok=True)

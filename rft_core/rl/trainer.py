@@ -15,6 +15,7 @@ disabled in the modules themselves, so both modes compute the same function). Sa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -557,18 +558,23 @@ class RLTrainer:
 
     def run(self) -> StageResult:
         rl = self.rl
-        if self.start_iteration == 0:
-            if rl.eval_interval:
-                self._log(self.validate(0), 0)
-            if self.guard.settings.enabled and self.state.get("best_iteration") is None:
-                self._save_best(0)  # what a rollback returns to when nothing was validated yet
         shown = {}  # the figures beside the progress: training reward, KL, the last validation
-        with (
-            progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main) as bar,
-            deferring_stops(),
-        ):
+        with contextlib.ExitStack() as stack:
+            # The bar opens first: the starting model's validation shows on it; stop requests wait
+            # for iteration boundaries from the first iteration on, as before.
+            bar = stack.enter_context(
+                progress("rl", rl.iterations, "iterations", start=self.start_iteration, enabled=self.processes.is_main)
+            )
+            if self.start_iteration == 0:
+                if rl.eval_interval:
+                    with bar.doing("validating the starting model"):
+                        self._log(self.validate(0), 0)
+                if self.guard.settings.enabled and self.state.get("best_iteration") is None:
+                    self._save_best(0)  # what a rollback returns to when nothing was validated yet
+            stack.enter_context(deferring_stops())
             for iteration in range(self.start_iteration, rl.iterations):
                 done = iteration + 1
+                bar.note(self.phase(iteration))
                 try:
                     stats = self.iteration(iteration)
                 except NonFiniteError as exc:
@@ -577,7 +583,10 @@ class RLTrainer:
                     ) from None
                 event = self.guard.after_iteration(done, stats)
                 if (rl.eval_interval and done % rl.eval_interval == 0) or done == rl.iterations:
-                    validation = self.validate(done)
+                    # The iteration is done: the bar says so, and names the validation while it runs.
+                    bar.update(done, **{**shown, **{key: stats[key] for key in _SHOWN if key in stats}})
+                    with bar.doing("validating"):
+                        validation = self.validate(done)
                     stats.update(validation)
                     event = event or self.guard.after_validation(done, validation)
                 self._signals(done, stats)
@@ -594,10 +603,19 @@ class RLTrainer:
                         break
                     self._rollback()
                 if stopping or (rl.checkpoint_interval and done % rl.checkpoint_interval == 0) or done == rl.iterations:
-                    self.checkpoint(done)
+                    with bar.doing("saving a checkpoint"):
+                        self.checkpoint(done)
                 if stopping:
                     raise TrainingStopped("rl", done, rl.iterations, self.ckpt_root / f"step-{done}")
         return self.finish()
+
+    def phase(self, iteration: int) -> str | None:
+        """What the progress display says beside an iteration's figures: the critic's warm-up
+        trains the value head alone, so the policy does not move (KL stays 0)."""
+        warmup = self.rl.critic_warmup
+        if self.algorithm.value_head and iteration < warmup:
+            return f"critic warm-up {iteration + 1}/{warmup}: value head only, the policy does not move"
+        return None
 
     def _signals(self, done: int, stats: dict[str, float]) -> None:
         """What the RL stage's picture of collapse and reward hacking draws, per iteration: training

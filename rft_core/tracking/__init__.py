@@ -24,10 +24,17 @@ from rft_core.tracking.descriptions import version_description
 from rft_core.tracking.errors import RegistryError, TrackingError, TrackingStoreUnusable, TrackingUnavailable
 from rft_core.tracking.gate import GateDecision, Measurement, decide
 from rft_core.tracking.models import _TextGenerator as _TextGenerator
-from rft_core.tracking.models import download_model, load_logged_model, log_model, serving_settings
+from rft_core.tracking.models import (
+    download_model,
+    load_logged_model,
+    log_model,
+    logged_model_exists,
+    serving_settings,
+)
 from rft_core.tracking.promotion import Evaluator, promote
 from rft_core.tracking.registry import (
     champion_version,
+    check_registered,
     list_versions,
     register_model,
     registry_lock,
@@ -48,6 +55,7 @@ from rft_core.tracking.runs import (
     log_metrics_once,
     log_params,
     log_table,
+    mark_rerun,
     metrics_logger,
     pipeline_run,
     reopen_run,
@@ -89,6 +97,7 @@ __all__ = [
     "TrackingUnavailable",
     "artifact_link",
     "champion_version",
+    "check_registered",
     "check_tracking_available",
     "config_tags",
     "configure",
@@ -108,8 +117,10 @@ __all__ = [
     "log_dataset",
     "log_metrics_once",
     "log_model",
+    "logged_model_exists",
     "log_params",
     "log_table",
+    "mark_rerun",
     "metrics_logger",
     "pipeline_run",
     "promote",

@@ -132,6 +132,22 @@ def gate_section(
     return "\n".join(lines)
 
 
+def event_section(
+    decision: str, rule: str, reason: str, when: str, earlier: Sequence[Mapping[str, str]] = ()
+) -> str:
+    """The gate section after a decision that was not the gate's (a rollback): what happened, then
+    the `earlier` decisions on the version, newest first."""
+    lines = [GATE_HEADING, "", f"**{decision}** (rule `{rule}`): {reason}. Decided {when}."]
+    if earlier:
+        lines += ["", "Earlier decisions:"]
+        for entry in reversed(earlier):
+            tag = f" ({entry[GATE_RULE]})" if entry.get(GATE_RULE) else ""
+            lines.append(
+                f"- {entry.get(GATE_TIME, '?')}: {entry.get(GATE_DECISION, '?')}{tag}: {entry.get(GATE_REASON, '')}"
+            )
+    return "\n".join(lines)
+
+
 def with_gate(description: str | None, section: str) -> str:
     """`description` with its gate section replaced by `section` (appended when it has none)."""
     text = description or ""

@@ -4,7 +4,6 @@ to. The pipeline's promote stage, the `promote-model` flow and `rft promote` all
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
@@ -25,6 +24,7 @@ from rft_core.tracking.gate import (
 from rft_core.tracking.registry import (
     champion_history,
     current_champion,
+    gate_history,
     get_version,
     metric_tags,
     now_iso,
@@ -157,18 +157,6 @@ def version_health(tags: Mapping[str, str], metric: str) -> Health:
         weights_finite={"true": True, "false": False}.get(str(tags.get(TAG_WEIGHTS_FINITE, "")).lower()),
         grader_error_share=metric_tags(tags).get(prefix + "grader_error_share"),
     )
-
-
-def gate_history(tags: Mapping[str, str]) -> list[dict[str, str]]:
-    """The decisions recorded on a version, oldest first (a version gated before the history was
-    kept contributes its one latest decision)."""
-    with contextlib.suppress(ValueError, TypeError):
-        history = json.loads(tags.get(GATE_HISTORY, ""))
-        if isinstance(history, list):
-            return [entry for entry in history if isinstance(entry, dict)]
-    if GATE_DECISION in tags:
-        return [{key: tags[key] for key in (GATE_DECISION, GATE_RULE, GATE_REASON, GATE_TIME) if key in tags}]
-    return []
 
 
 def _number(text: str | None) -> float | None:

@@ -32,8 +32,16 @@ from rft_core.tracking.runs import git_commit
 from rft_core.tracking.tags import (
     ALIAS_CHALLENGER,
     ALIAS_CHAMPION,
+    DECISION_PROMOTED,
+    DECISION_REFUSED,
+    DECISION_RESTORED,
+    DECISION_ROLLED_BACK,
     GATE_DECISION,
+    GATE_HISTORY,
+    GATE_HISTORY_LIMIT,
     GATE_REASON,
+    GATE_RULE,
+    GATE_TIME,
     HISTORY_LIMIT,
     HISTORY_TAG,
     LOCK_EXPIRES,
@@ -41,13 +49,14 @@ from rft_core.tracking.tags import (
     LOCK_SUFFIX,
     METRIC_TAG_PREFIX,
     ROLLED_BACK,
+    RULE_ROLLBACK,
     TAG_CONFIG_DIGEST,
     TAG_DATA_DIGEST,
     TAG_GIT_COMMIT,
     TAG_GIT_COMMIT_RUN,
     TAG_PARENT,
 )
-from rft_core.tracking.uri import mlflow_client
+from rft_core.tracking.uri import current_tracking_uri, mlflow_client
 
 logger = logging.getLogger("rft.tracking")
 
@@ -69,12 +78,13 @@ def not_found(exc: MlflowException) -> bool:
 
 
 def get_registered_model(client: MlflowClient, name: str) -> Any:
-    """The registered model `name`, or `RegistryError`."""
+    """The registered model `name`, or `RegistryError` naming the store it was looked for in (a
+    deployment or a shell pointed at another store is the usual reason)."""
     try:
         return client.get_registered_model(name)
     except MlflowException as exc:
         if not_found(exc):
-            raise RegistryError(f"no registered model named {name!r}") from None
+            raise RegistryError(f"no registered model named {name!r} in {current_tracking_uri()}") from None
         raise
 
 
@@ -85,8 +95,31 @@ def get_version(client: MlflowClient, name: str, version: int | str) -> Any:
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
         if not_found(exc):
-            raise RegistryError(f"registered model {name!r} has no version {version}") from None
+            raise RegistryError(
+                f"registered model {name!r} in {current_tracking_uri()} has no version {version}"
+            ) from None
         raise
+
+
+def check_registered(model_uri: str, *, tracking_uri: str | None = None) -> None:
+    """Raise `RegistryError` naming the store when a `models:/NAME@ALIAS` or `models:/NAME/VERSION`
+    URI names nothing there (before any work that would be wasted on it); other URIs pass."""
+    if not model_uri.startswith("models:/"):
+        return
+    reference = model_uri[len("models:/"):]
+    client = mlflow_client(tracking_uri)
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        registered = get_registered_model(client, name)
+        if alias not in registered.aliases:
+            known = ", ".join(f"@{a} (v{v})" for a, v in sorted(registered.aliases.items())) or "none"
+            raise RegistryError(
+                f"registered model {name!r} in {current_tracking_uri()} has no alias @{alias} (its aliases: "
+                f"{known}); promote a version first (rft promote {name} VERSION)"
+            )
+    elif "/" in reference:
+        name, version = reference.split("/", 1)
+        get_version(client, name, version)
 
 
 def current_champion(client: MlflowClient, name: str) -> int | None:
@@ -267,8 +300,10 @@ def set_champion_history(client: MlflowClient, name: str, history: list[int]) ->
 def rollback(name: str, *, tracking_uri: str | None = None, lock_timeout_s: float = 120.0) -> int:
     """Move `champion` back to the previous champion; return that version.
 
-    Past champions whose versions were deleted are skipped. The demoted version is tagged
-    `rollback.demoted_at`.
+    Past champions whose versions were deleted are skipped. Both versions record it as a decision
+    (`record_decision`: the gate.* tags, `gate.history`, the gate section of the description): the
+    demoted one `rolled back`, the one made champion again `restored`; the demoted version is also
+    tagged `rollback.demoted_at`.
     """
     client = mlflow_client(tracking_uri)
     with registry_lock(client, name, timeout_s=lock_timeout_s):
@@ -288,16 +323,102 @@ def rollback(name: str, *, tracking_uri: str | None = None, lock_timeout_s: floa
                 continue
             client.set_registered_model_alias(name, ALIAS_CHAMPION, str(previous))
             set_champion_history(client, name, history)
-            client.set_model_version_tag(name, str(current), ROLLED_BACK, now_iso())
+            when = now_iso()
+            client.set_model_version_tag(name, str(current), ROLLED_BACK, when)
+            record_decision(client, name, current, DECISION_ROLLED_BACK, RULE_ROLLBACK,
+                            f"rolled back: champion moved back to v{previous}", when)
+            record_decision(client, name, previous, DECISION_RESTORED, RULE_ROLLBACK,
+                            f"champion again: rolled back from v{current}", when)
             return previous
         raise RegistryError(
             f"registered model {name!r}: champion v{current} has no previous champion to roll back to"
         )
 
 
+def gate_history(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    """The decisions recorded on a version, oldest first (a version gated before the history was
+    kept contributes its one latest decision)."""
+    with contextlib.suppress(ValueError, TypeError):
+        history = json.loads(tags.get(GATE_HISTORY, ""))
+        if isinstance(history, list):
+            return [entry for entry in history if isinstance(entry, dict)]
+    if GATE_DECISION in tags:
+        return [{key: tags[key] for key in (GATE_DECISION, GATE_RULE, GATE_REASON, GATE_TIME) if key in tags}]
+    return []
+
+
+def record_decision(client: MlflowClient, name: str, version: int, decision: str, rule: str, reason: str,
+                    when: str) -> None:
+    """A decision on a version that is not the gate's (a rollback), recorded as the gate records its
+    own: the latest in the gate.* tags, appended to `gate.history`, and the gate section of the
+    version's description, so that the version reads what it is now (a demoted version does not
+    read "promoted"). Call under `registry_lock`."""
+    from rft_core.tracking.descriptions import event_section, with_gate
+
+    tags = client.get_model_version(name, str(version)).tags
+    latest = {GATE_DECISION: decision, GATE_RULE: rule, GATE_REASON: reason, GATE_TIME: when}
+    history = [*gate_history(tags), latest]
+    for key, value in {**latest, GATE_HISTORY: json.dumps(history[-GATE_HISTORY_LIMIT:])}.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    description = client.get_model_version(name, str(version)).description
+    section = event_section(decision, rule, reason, when, earlier=history[:-1])
+    client.update_model_version(name, str(version), description=with_gate(description, section))
+
+
+CHAMPION, ROLLED_BACK_STATUS, REPLACED, REFUSED, NOT_GATED = "champion", "rolled back", "replaced", "refused", "not gated"
+
+
+def version_statuses(rows: list[dict[str, Any]], champions: list[int]) -> dict[int, dict[str, Any]]:
+    """What each version is now, from its aliases and decisions (`rows` as `list_versions` builds
+    them, with `aliases` and `gate_history`) and the succession of champions (`champions`: past
+    ones oldest first, then the current one): {version: {"status", "since", "detail"}}.
+
+    - champion: holds the alias; since its latest promotion (or restoration by a rollback);
+    - rolled back: a rollback demoted it, and nothing promoted it since;
+    - replaced: it was champion, and a later promotion moved the alias on (detail: to which);
+    - refused: the gate's latest word on it was no (detail: the rule);
+    - not gated: no decision yet.
+    """
+    by_version = {row["version"]: row for row in rows}
+
+    def made_champion(version: int) -> str | None:
+        times = [e.get(GATE_TIME) for e in by_version.get(version, {}).get("gate_history", [])
+                 if e.get(GATE_DECISION) in (DECISION_PROMOTED, DECISION_RESTORED)]
+        return times[-1] if times else None
+
+    def successor(version: int) -> int | None:
+        """The champion after `version`'s last turn as champion."""
+        if version not in champions:
+            return None
+        last = len(champions) - 1 - champions[::-1].index(version)
+        return champions[last + 1] if last + 1 < len(champions) else None
+
+    statuses = {}
+    for row in rows:
+        version, history = row["version"], row["gate_history"]
+        latest = history[-1] if history else {}
+        decision = latest.get(GATE_DECISION)
+        if ALIAS_CHAMPION in row["aliases"]:
+            status = {"status": CHAMPION, "since": made_champion(version), "detail": None}
+        elif decision == DECISION_ROLLED_BACK:
+            status = {"status": ROLLED_BACK_STATUS, "since": latest.get(GATE_TIME), "detail": latest.get(GATE_REASON)}
+        elif made_champion(version) is not None:
+            after = successor(version)
+            status = {"status": REPLACED, "since": made_champion(after) if after else None,
+                      "detail": f"by v{after}" if after else None}
+        elif decision is not None:
+            status = {"status": REFUSED if decision == DECISION_REFUSED else decision, "since": latest.get(GATE_TIME),
+                      "detail": latest.get(GATE_RULE)}
+        else:
+            status = {"status": NOT_GATED, "since": None, "detail": None}
+        statuses[version] = status
+    return statuses
+
+
 def list_versions(name: str, *, tracking_uri: str | None = None) -> list[dict[str, Any]]:
-    """Every version of `name`, oldest first: version, aliases, metrics, digests, gate decision,
-    creation time, run id, source."""
+    """Every version of `name`, oldest first: version, aliases, what it is now (`status`, `since`,
+    `status_detail`: `version_statuses`), metrics, digests, gate decision and its history,
+    creation time, run id and experiment, source."""
     client = mlflow_client(tracking_uri)
     registered = get_registered_model(client, name)
     aliases: dict[int, list[str]] = {}
@@ -325,9 +446,27 @@ def list_versions(name: str, *, tracking_uri: str | None = None) -> list[dict[st
                 "git_commit": tags.get(TAG_GIT_COMMIT),
                 "gate_decision": tags.get(GATE_DECISION),
                 "gate_reason": tags.get(GATE_REASON),
+                "gate_history": gate_history(tags),
                 "created": _iso(mv.creation_timestamp),
                 "run_id": mv.run_id,
+                "experiment_id": _experiment_of(client, mv.run_id),
                 "source": mv.source,
             }
         )
+    champion = registered.aliases.get(ALIAS_CHAMPION)
+    chain = champion_history(client, name) + ([int(champion)] if champion is not None else [])
+    statuses = version_statuses(rows, chain)
+    for row in rows:
+        status = statuses[row["version"]]
+        row.update(status=status["status"], since=status["since"], status_detail=status["detail"])
     return rows
+
+
+def _experiment_of(client: MlflowClient, run_id: str | None) -> str | None:
+    """The experiment of a version's run (its page in the UI is under it), or None."""
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None

@@ -39,12 +39,15 @@ from rft_core.tracking.tags import (
     TAG_GIT_COMMIT_RUN,
     TAG_GRADER_SANDBOX,
     TAG_KIND,
+    TAG_NOTE,
     TAG_OWNER_HOST,
     TAG_OWNER_PID,
     TAG_OWNER_STARTED,
     TAG_PARENT,
     TAG_REPLACED_BY,
     TAG_REPLACES,
+    TAG_RERUN_OF,
+    TAG_RUN_NAME,
     TAG_STAGE,
 )
 from rft_core.tracking.uri import (
@@ -358,6 +361,53 @@ def run_tags(run_id: str, *, tracking_uri: str | None = None) -> dict[str, str]:
     return dict(mlflow_client(tracking_uri).get_run(run_id).data.tags)
 
 
+_RERUN_SUFFIX = re.compile(r" \((cached rerun|rerun, reused [^)]*)\)$")
+
+
+def mark_rerun(
+    run_id: str,
+    reused: Mapping[str, tuple[str, str]],
+    *,
+    ran: Sequence[str] = (),
+    tracking_uri: str | None = None,
+) -> str:
+    """Say on pipeline run `run_id` that it reused the results of stages of earlier pipeline runs
+    (`reused`: stage -> (its stage run, that run's pipeline run)), and which stages it ran itself
+    (`ran`). A child run has one parent, so the stage runs stay where they are; this run links them:
+
+    - its name gets ` (cached rerun)` (nothing ran but what is never cached) or
+      ` (rerun, reused validate, split, ...)`, so two runs of one config differ in the runs table;
+    - tag `rft.rerun_of`: the pipeline runs whose stages it reused (`rft.reused.<stage>`: each run);
+    - its description (MLflow's note, on the run's page) lists each reused stage with a link to the
+      run that computed it.
+
+    Returns the new run name."""
+    client = mlflow_client(tracking_uri)
+    run = client.get_run(run_id)
+    parents = list(dict.fromkeys(parent for _, parent in reused.values()))
+    base = _RERUN_SUFFIX.sub("", run.info.run_name or "")
+    name = f"{base} (cached rerun)" if not ran else f"{base} (rerun, reused {', '.join(reused)})"
+
+    def link(other: str) -> str:
+        found = client.get_run(other)
+        return f"[{found.info.run_name or other}](#/experiments/{found.info.experiment_id}/runs/{other}) (`{other}`)"
+
+    lines = [
+        f"**Rerun of {', '.join(link(parent) for parent in parents)}**: the results of these stages were "
+        "reused from the cache, not computed again; their metrics, samples and models are on the runs "
+        "that computed them:",
+        "",
+        *(f"- `{stage}`: {link(stage_run)}" for stage, (stage_run, _) in reused.items()),
+        "",
+        f"Ran in this run: {', '.join(f'`{stage}`' for stage in ran) if ran else 'nothing but the training curve'}.",
+    ]
+    if "evaluate" in reused:
+        lines.append("The `eval/*` metrics of this run are those of the reused evaluation.")
+    set_tags(run_id, {TAG_RERUN_OF: ",".join(parents), TAG_NOTE: "\n".join(lines), TAG_RUN_NAME: name},
+             tracking_uri=tracking_uri)
+    return name
+
+
 def run_link(run_id: str, tracking_uri: str) -> str:
     """Where a person looks at the run: its page on a tracking server, else the `mlflow ui` command."""
     if is_http(tracking_uri):
@@ -546,7 +596,9 @@ def log_dataset(
     client = mlflow_client(tracking_uri)
     short = digest[:_MAX_DATASET_DIGEST]
     with warnings.catch_warnings():
-        # The local-file source is registered twice by MLflow itself and it warns about that.
+        # The local-file source is registered twice by MLflow itself and it warns about that; the
+        # frame's schema, inferred when the entity is made, comes with a hint about integer columns
+        # meant for model signatures (a data set record has no inputs to enforce it on).
         warnings.simplefilter("ignore", UserWarning)
         if isinstance(data, (str, Path)):
             location = data if isinstance(data, str) and "://" in data else str(Path(data).resolve())
@@ -554,7 +606,8 @@ def log_dataset(
         else:
             src = resolve_dataset_source(str(Path(source).resolve())) if source is not None else None
             dataset = mlflow.data.from_pandas(data, source=src, name=name, digest=short)
+        entity = dataset._to_mlflow_entity()
     tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
     if short != digest:
         tags.append(InputTag(key=INPUT_FULL_DIGEST, value=digest))
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)])
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset=entity, tags=tags)])

@@ -13,6 +13,9 @@ TAG_KIND = "rft.kind"  # what the run is: KIND_PIPELINE, KIND_REGRESSION
 TAG_STAGE = "rft.stage"  # a stage run's stage: validate, split, sft, rl, evaluate
 TAG_ATTEMPTS = "rft.attempts"  # how often a stage run was opened (retries count up)
 TAG_REUSED_PREFIX = "rft.reused."  # + stage: on a pipeline run, the cached stage run it reused
+TAG_RERUN_OF = "rft.rerun_of"  # on a pipeline run: the pipeline runs whose stages it reused (comma-separated)
+TAG_NOTE = "mlflow.note.content"  # MLflow's own: the run's description, shown on its page
+TAG_RUN_NAME = "mlflow.runName"  # MLflow's own: the run's name
 TAG_FLOW_RUN = "prefect.flow_run_id"  # the orchestrator's flow run a pipeline run belongs to
 TAG_MODEL_URI = "rft.model_uri"  # the model a regression evaluation scored
 TAG_REGISTERED_VERSION = "registry.version"  # on a pipeline run: the version it registered
@@ -57,6 +60,13 @@ GATE_HISTORY_LIMIT = 100
 START_METRIC_TAG_PREFIX = "start_metric."  # + metric key: the value for the model training started from
 TAG_WEIGHTS_FINITE = "weights_finite"  # "true" / "false": every registered weight is a finite number
 ROLLED_BACK = "rollback.demoted_at"
+# gate.decision values besides the gate's own (promoted, refused): what a rollback records, on the
+# version it demotes and on the one it makes champion again (rule RULE_ROLLBACK).
+DECISION_PROMOTED = "promoted"
+DECISION_REFUSED = "refused"
+DECISION_ROLLED_BACK = "rolled back"
+DECISION_RESTORED = "restored"
+RULE_ROLLBACK = "rollback"
 
 # Registered model tags.
 HISTORY_TAG = "rft.champion_history"  # past champions, oldest first, for rollback

@@ -151,6 +151,27 @@ def sqlite_store_problem(db: Path) -> str | None:
     return None
 
 
+def create_sqlite_schema(uri: str, db: Path) -> None:
+    """Create (or bring up to date) MLflow's tables in the sqlite store `db`, one process at a time.
+
+    MLflow creates a store's schema on first use with alembic migrations that are not safe against a
+    second process migrating the same fresh file at the same moment: the loser fails with "Online
+    migration expected to match one row ... 0 found" (seen with `rft api`, whose server reads the
+    store its jobs' processes create, and with jobs that start together). Under an exclusive lock on
+    `<db>.lock`, the first process creates the tables; the next ones find them current and migrate
+    nothing. MLflow keeps one store object per URI and process, so this runs once per process."""
+    import fcntl
+
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            client.search_experiments(max_results=1)  # the tracking store: creates the whole schema
+            client.search_registered_models(max_results=1)  # the registry store, on the same file
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 _MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _state_lock = threading.Lock()
 _active_uri: str | None = None
@@ -172,6 +193,8 @@ def configure(tracking_uri: str | None = None) -> str:
     with _state_lock:
         if uri not in _checked_uris:
             check_tracking_available(uri)
+            if (db := sqlite_path(uri)) is not None:
+                create_sqlite_schema(uri, db)
             _checked_uris.add(uri)
         if _active_uri != uri:
             # MLflow also exports the URIs as environment variables (for its subprocesses). Here
