@@ -106,15 +106,21 @@ def test_a_second_signal_stops_at_once(task, grader, tmp_path):
 
 
 def test_outside_a_training_loop_a_signal_interrupts_at_once_and_inside_it_waits_for_the_loop():
-    with pytest.raises(KeyboardInterrupt), stop_on_signals():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # never reached: interrupted
-    # A request that arrives after a loop's last check is honoured when the loop's block ends.
-    with pytest.raises(KeyboardInterrupt), stop_on_signals(), deferring_stops():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert stop_requested() == "SIGINT"  # still running: the loop decides when
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    # Python's own SIGINT handler, as in a terminal: a shell's background job (`cmd &`) inherits
+    # SIGINT ignored, and the handlers must be given back as they were found.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), stop_on_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # never reached: interrupted
+        # A request that arrives after a loop's last check is honoured when the loop's block ends.
+        with pytest.raises(KeyboardInterrupt), stop_on_signals(), deferring_stops():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert stop_requested() == "SIGINT"  # still running: the loop decides when
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 # --------------------------------------------------------------------------- owners
