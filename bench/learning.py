@@ -6,7 +6,8 @@ competence, as a real base model has), then
   validated along the way, ending on the best validation checkpoint (generous to SFT);
 - PPO and GRPO: RL on all training items (reference answers only) with the grader, starting from that
   best SFT model; their *final* model is scored (no checkpoint picking on validation).
-  RL budget: 400 iterations of 32 prompts x 4 samples, lr 2e-4 decayed to 0 (cosine); the library's
+  RL budget: 400 iterations of 32 prompts x 4 samples, lr 2e-4 decayed to 0 (cosine; the `all` regime at
+  5e-5, PPO on prompt groups whose rewards differ: ALGORITHM_SETTINGS); the library's
   defaults otherwise (PPO's 10 critic warm-up iterations, the default grader's partial credit 0.1).
 Regimes: `few` (a small share of items with solutions, the RFT setting) and `all` (every item).
 
