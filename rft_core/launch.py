@@ -215,7 +215,9 @@ def ticks(pid):
         return None
 roots = {int(p) for p in sys.argv[1].split(",") if p}
 known = {}
-lock = threading.Lock()
+# Reentrant: the driver's death closes stdin and sends the parent-death SIGTERM at once, so reap()
+# can be interrupted by its own signal handler while it holds the lock (a plain Lock deadlocked).
+lock = threading.RLock()
 def scan():
     table = {}
     for entry in os.listdir("/proc"):
@@ -235,6 +237,7 @@ def scan():
                 known[p] = ticks(p)
             frontier = children
 def reap(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one reap is enough (reap runs in the main thread)
     scan()
     with lock:
         for pid, started in known.items():

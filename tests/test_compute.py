@@ -338,3 +338,31 @@ def test_a_failed_stage_names_the_rank_that_failed_first_and_what_the_others_did
     assert str(failure) == message
     assert failure.resumable is resumable  # not after a guard: the same config stops the same way
     assert failure.__cause__ is failures[failure.rank]
+
+
+def test_the_reaper_kills_its_ray_instance_when_its_driver_dies_however_the_news_comes() -> None:
+    """A killed driver closes the reaper's stdin and sends its parent-death SIGTERM at once: the
+    signal handler then runs inside the reap that stdin's end began (a plain lock deadlocked there
+    about one time in six, leaving Ray's agents running). Each way, and both at once, it kills its
+    processes and exits."""
+    import signal
+    import time
+
+    launch = pytest.importorskip("rft_core.launch", exc_type=ImportError)  # needs ray
+    for how in ("stdin", "sigterm", "both") * 4:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+        reaper = subprocess.Popen([sys.executable, "-c", launch._REAPER, str(child.pid)], stdin=subprocess.PIPE,
+                                  start_new_session=True)
+        time.sleep(0.3)
+        if how in ("stdin", "both"):
+            reaper.stdin.close()
+        if how in ("sigterm", "both"):
+            reaper.send_signal(signal.SIGTERM)
+        try:
+            assert reaper.wait(timeout=30) == 0, how
+            assert child.wait(timeout=30) == -signal.SIGKILL, how
+        finally:
+            for proc in (reaper, child):
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
