@@ -123,6 +123,7 @@ SECTION_RULE = {
     "eval": "sft",
     "tracking": None,
     "registry": None,
+    "compute": None,  # where a stage trains, not what: 1 process or 8 make the same update
 }
 FIELD_RULE: dict[str, str | None] = {
     "experiment": None,
@@ -144,6 +145,7 @@ SKIPPED = {
     "data.train_path": "a file the key digests; tested below with real files",
     "data.val_path": "a file the key digests; tested below with real files",
     "grader.file": "a file the key reads; tested below",
+    "compute.machines": "valid only with a cluster's address; tested below with one",
 }
 
 
@@ -152,6 +154,8 @@ def expected_first(field: str) -> str | None:
         return FIELD_RULE[field]
     section = field.rsplit(".", 1)[0]
     while section not in SECTION_RULE:
+        if "." not in section:
+            raise AssertionError(f"{field}: its section has no rule in SECTION_RULE (a new section: add one)")
         section = section.rsplit(".", 1)[0]
     return SECTION_RULE[section]
 
@@ -165,6 +169,13 @@ def test_a_change_to_any_field_reruns_its_stage_and_what_follows_only(field: str
     other = changed(base, field, annotation)
     assert other is not None, f"no other valid value found for {field}"
     assert rerun(base, other) == from_(expected_first(field))
+
+
+def test_where_a_stage_trains_enters_no_key() -> None:
+    here = RFTConfig()
+    for overrides in (["compute.address=127.0.0.1:6379", "compute.machines=2"],
+                      ["compute.address=auto", "compute.machines=4", "compute.processes=2"]):
+        assert rerun(here, RFTConfig.load(overrides=overrides)) == from_(None), overrides
 
 
 def test_eval_sampling_settings_enter_training_only_when_validation_samples() -> None:
