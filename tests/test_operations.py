@@ -249,6 +249,14 @@ class Ops:
             # mlflow server ignores SIGTERM (its job runner and huey consumers too): no long grace.
             service.stop(grace_s=3.0 if name == "mlflow" else 15.0)
 
+    def stop_all(self) -> list[str]:
+        """Stop every service; the names of those with a process still running afterwards."""
+        stopped = dict(self.services)
+        groups = {name: s.groups() for name, s in stopped.items()}
+        for name in list(self.services):
+            self.stop(name)
+        return [name for name, s in stopped.items() if s.alive(groups[name])]
+
     # ---- CLI and API
 
     def cli(
@@ -382,11 +390,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory):
         ops.start_prefect()
         yield ops
     finally:
-        stopped = dict(ops.services)
-        groups = {name: s.groups() for name, s in stopped.items()}
-        for name in list(ops.services):
-            ops.stop(name)
-        leftovers = [name for name, s in stopped.items() if s.alive(groups[name])]
+        leftovers = ops.stop_all()
         assert not leftovers, f"still running after teardown: {leftovers}"
 
 

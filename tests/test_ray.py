@@ -343,11 +343,8 @@ def deployed(tmp_path_factory, cluster: RayCluster):
         ops.start_worker()
         yield ops
     finally:
-        stopped = dict(ops.services)
-        groups = {name: s.groups() for name, s in stopped.items()}
-        for name in list(ops.services):
-            ops.stop(name)
-        assert not [name for name, s in stopped.items() if s.alive(groups[name])]
+        leftovers = ops.stop_all()
+        assert not leftovers, f"still running after teardown: {leftovers}"
 
 
 def test_the_deployed_flow_survives_a_rank_killed_mid_rl_and_its_retry_resumes_to_the_one_process_result(
