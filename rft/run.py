@@ -270,12 +270,14 @@ def _train_here(stage: str, cfg: RFTConfig, init_model: str | None, out: Path | 
     with accelerator.main_process_first():
         data = stages.validate_stage(cfg)
         split = stages.split_stage(cfg, data)
-        base = stages.base_model_path(cfg, split)
+        # The sft stage starts from the base model; RL from the sft result, checked before anything is built.
+        base = stages.base_model_path(cfg, split) if stage == "sft" else None
+        start = rl_start(cfg, split, init_model) if stage != "sft" else None
     train, val = read_items(split.train_items), read_items(split.val_items)
-    if stage == "sft":
+    if base is not None:
         work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
         return run_sft(cfg, train, val, base, work, accelerator=accelerator), accelerator.is_main_process
-    start = rl_start(cfg, split, base, init_model)
+    assert start is not None
     work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, start))
     return run_rl(cfg, train, val, start.model_dir, work, accelerator=accelerator), accelerator.is_main_process
 
@@ -287,19 +289,20 @@ def _train_on_ray(stage: str, cfg: RFTConfig, init_model: str | None, out: Path 
     from rft_core.compute import StageJob, run_stage
 
     split = stages.split_stage(cfg, stages.validate_stage(cfg))
-    base = stages.base_model_path(cfg, split)
     if stage == "sft":
         work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
+        base = stages.base_model_path(cfg, split)
         return run_stage(StageJob("sft", cfg, split.train_items, split.val_items, base, str(work)))
-    start = rl_start(cfg, split, base, init_model)
+    start = rl_start(cfg, split, init_model)
     work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, start))
     return run_stage(StageJob("rl", cfg, split.train_items, split.val_items, start.model_dir, str(work)))
 
 
-def rl_start(cfg: RFTConfig, split: Any, base: str, init_model: str | None) -> Any:
+def rl_start(cfg: RFTConfig, split: Any, init_model: str | None) -> Any:
     """The model RL starts from: `--init-model`, else the sft stage's result for this config (the
     base model when sft.enabled is false), as the pipeline would hand it on (its record, so that
-    the RL stage directory is the pipeline's too: either resumes the other's checkpoints)."""
+    the RL stage directory is the pipeline's too: either resumes the other's checkpoints). Checked
+    before anything is built: a missing sft result costs no tiny-model pretraining."""
     from rft_core import stages
     from rft_core.integrity import directory_problem
 
@@ -307,7 +310,7 @@ def rl_start(cfg: RFTConfig, split: Any, base: str, init_model: str | None) -> A
         return stages.ModelRecord(stages.hash_of(init_model), "sft", init_model)
     key = stages.sft_key(cfg, split)
     if not cfg.sft.enabled:
-        return stages.ModelRecord(key, "sft", base)
+        return stages.ModelRecord(key, "sft", stages.base_model_path(cfg, split))
     model_dir = stages.stage_path(cfg, "sft", key) / "model"
     if (problem := directory_problem(model_dir)) is not None:
         raise fail(

@@ -500,6 +500,76 @@ def test_events_are_messages_and_per_step_metrics(client, supervised):
     assert [e.id for e in first.data + rest.data] == [e.id for e in events]
 
 
+def _tracked_job(data_dir: Path, steps: int):
+    """A job's tracking as a worker leaves it: the parent run named after the job, its `rl` child
+    run with `steps` steps; the API's store with the job, running."""
+    from mlflow import MlflowClient
+
+    from rft.api.settings import ServerSettings
+    from rft.api.store import Job, Store
+
+    settings = ServerSettings(data_dir=data_dir)
+    settings.ensure_dirs()
+    mlflow = MlflowClient(settings.tracking_uri)
+    experiment = mlflow.create_experiment("rft")
+    parent = mlflow.create_run(experiment, run_name="ftjob-1")
+    child = mlflow.create_run(experiment, run_name="rl", tags={"mlflow.parentRunId": parent.info.run_id})
+    for step in range(1, steps + 1):
+        mlflow.log_metric(child.info.run_id, "rl/reward_mean", step / 10, step=step)
+    store = Store(settings.db_path)
+    job = Job("ftjob-1", 0, "running", {"experiment": "rft", "method_type": "reinforcement", "total_steps": steps})
+    store.add_job(job)
+    return settings, store, job
+
+
+def test_the_end_of_a_job_publishes_every_step_even_when_the_tracking_store_cannot_be_read(tmp_path, monkeypatch):
+    """The final sync of a job's metrics events tries again while the store cannot be read; when it
+    never could, the job says its events are pending and listing them publishes them."""
+    import shutil
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from rft.api import results
+    from rft.api.app import create_app
+
+    settings, store, job = _tracked_job(tmp_path, 4)
+    db, real = tmp_path / "mlflow.db", tmp_path / "mlflow.db.real"
+
+    def unreadable() -> None:
+        shutil.move(db, real)
+        db.write_text("not a database")
+
+    def readable() -> None:
+        db.unlink()
+        shutil.move(real, db)
+
+    # Readable again during the tries: every step, nothing pending.
+    unreadable()
+    monkeypatch.setattr(results, "FINAL_SYNC_DELAYS", (0.0, 2.0))
+    assert results.sync_metric_events(settings, store, job) is False  # a poll: the next one tries again
+    swap = threading.Timer(0.5, readable)
+    swap.start()
+    results.settle_metric_events(settings, store, job)
+    swap.join()
+    assert store.event_keys(job.id, "metrics:") == {f"metrics:{s}" for s in range(1, 5)}
+    assert "metrics_pending" not in store.get_job(job.id).data
+
+    # Unreadable throughout: pending, and the next listing of the job's events publishes them.
+    settings, store, job = _tracked_job(tmp_path / "second", 4)
+    db, real = tmp_path / "second" / "mlflow.db", tmp_path / "second" / "mlflow.db.real"
+    unreadable()
+    monkeypatch.setattr(results, "FINAL_SYNC_DELAYS", (0.0, 0.0))
+    results.settle_metric_events(settings, store, job)
+    assert store.get_job(job.id).data["metrics_pending"] is True
+    store.transition(job.id, ("running",), "succeeded")
+    readable()
+    with TestClient(create_app(settings, run_jobs=False)) as api:
+        events = api.get(f"/v1/fine_tuning/jobs/{job.id}/events", params={"limit": 100}).json()["data"]
+    assert sorted(e["data"]["step"] for e in events if e["type"] == "metrics") == [1, 2, 3, 4]
+    assert "metrics_pending" not in store.get_job(job.id).data
+
+
 def test_checkpoints_and_results_file(client, supervised, server):
     _, job = supervised
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data

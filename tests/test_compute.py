@@ -224,6 +224,7 @@ def test_rft_train_rl_starts_from_the_sft_stage_s_result_by_default(tmp_path, mo
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: rl starts from the sft stage's result for this config, ")
     assert "it is missing: run `rft train sft` with the same config first" in line
+    assert not (tmp_path / "out" / "cache").exists()  # found out before the tiny model was built
 
     result = runner.invoke(app, ["train", "sft", "--config", str(config)])
     assert result.exit_code == 0, result.output

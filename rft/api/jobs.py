@@ -19,7 +19,7 @@ from rft.api import catalog
 from rft.api.errors import conflict, invalid, not_found
 from rft.api.files import existing_file
 from rft.api.pagination import page
-from rft.api.results import checkpoint_objects, sync_metric_events
+from rft.api.results import checkpoint_objects, settle_metric_events, sync_metric_events
 from rft.api.store import Job, new_id, now
 from rft_core.graders import validate_grader_spec
 
@@ -272,6 +272,8 @@ def list_events(request: Request, job_id: str, after: str | None = None, limit: 
     job = get_job(state, job_id)
     if job.status == "running":
         sync_metric_events(state.settings, state.store, job)
+    elif job.data.get("metrics_pending"):  # its run ended while the tracking store could not be read
+        settle_metric_events(state.settings, state.store, job)
     return page(state.store.list_events(job_id), after, limit)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +112,28 @@ def _message(data: dict[str, Any], total: int | None) -> str:
     return f"Step {data['step']}/{total if total else '?'}: {shown}"
 
 
-def sync_metric_events(settings: ServerSettings, store: Store, job: Job, final: bool = False) -> None:
-    """Publish the job's complete steps as metrics events (each once)."""
-    try:
-        steps, times, ended = step_metrics(settings, job)
-    except Exception as exc:  # a store being written by the worker, or not there yet: the next poll tries again
-        logger.debug("metrics of %s not readable yet: %s", job.id, exc)
-        return
-    if not steps:
-        return
+# Pauses between the final sync's tries (a store written by another process: sqlite's "database is
+# locked" once its 5 s busy wait runs out).
+FINAL_SYNC_DELAYS = (0.5, 1.0, 2.0, 4.0)
+
+
+def sync_metric_events(settings: ServerSettings, store: Store, job: Job, final: bool = False) -> bool:
+    """Publish the job's complete steps as metrics events (each once); False when the tracking store
+    could not be read. A poll that cannot read it leaves it to the next poll; the final sync (the
+    run has ended, its last step is complete) tries again after each of `FINAL_SYNC_DELAYS`."""
+    delays = FINAL_SYNC_DELAYS if final else ()
+    for attempt in range(len(delays) + 1):
+        try:
+            steps, times, ended = step_metrics(settings, job)
+            break
+        except Exception as exc:  # noqa: BLE001 (MLflow raises its own and sqlalchemy's errors)
+            if attempt == len(delays):
+                log = logger.warning if final else logger.debug
+                log("the metrics of %s could not be read%s: %s", job.id, "" if final else " yet", exc)
+                return False
+            time.sleep(delays[attempt])
     total = job.data.get("total_steps")
-    last = max(steps)
+    last = max(steps, default=0)
     published = store.event_keys(job.id, "metrics:")
     for step, data in steps.items():
         if f"metrics:{step}" in published or (step == last and not (ended or final)):
@@ -129,6 +141,17 @@ def sync_metric_events(settings: ServerSettings, store: Store, job: Job, final: 
         data = {**data, "total_steps": total}
         store.add_event(job.id, _message(data, total), type="metrics", data=data, created_at=times[step],
                         key=f"metrics:{step}")
+    return True
+
+
+def settle_metric_events(settings: ServerSettings, store: Store, job: Job) -> None:
+    """The final sync of a job whose run has ended. When the store cannot be read even so, the job
+    says its metrics events are pending (`metrics_pending`) and the next listing of its events
+    publishes them: a job that has ended never lacks its last steps for good."""
+    synced = sync_metric_events(settings, store, job, final=True)
+    job = store.get_job(job.id) or job
+    if synced == bool(job.data.get("metrics_pending")):
+        store.transition(job.id, None, metrics_pending=None if synced else True)
 
 
 def checkpoint_objects(settings: ServerSettings, job: Job) -> list[dict[str, Any]]:

@@ -278,7 +278,7 @@ class JobRunner:
                 message = f"The job's worker process stopped before the job finished; {RESUMABLE_NOTE.format(id=job_id)}."
                 self._fail(job_id, ("running",), "worker_stopped", message, resumable=True)
             if job is not None:
-                results.sync_metric_events(self.settings, self.store, job, final=True)
+                results.settle_metric_events(self.settings, self.store, job)
 
     def _schedule(self) -> None:
         with self._lock:

@@ -62,7 +62,7 @@ def finish(settings: ServerSettings, store: Store, job: Job, cfg: Any, summary: 
         if split_train is not None:
             tokens = mean_example_tokens(cfg, summary["model_dir"], str(split_train))
             job = store.transition(job.id, None, mean_example_tokens=tokens) or job
-    results.sync_metric_events(settings, store, job, final=True)
+    results.settle_metric_events(settings, store, job)
     csv_path = results.write_metrics_csv(settings, job, settings.files_dir / f".{job.id}.csv.partial")
     result_file = add_result_file(_State(settings, store), csv_path, f"{job.id}_results.csv")
     tokens = results.trained_tokens(settings, job, cfg)
