@@ -25,6 +25,7 @@ from rft_core import preflight, stages, tracking
 from rft_core.config import RFTConfig
 from rft_core.graders.sandbox import sandbox_warning
 from rft_core.tracking import tags
+from rft_core.tracking.gate import verdict
 from tasks.stages import (
     evaluate_models,
     plot_training_curve,
@@ -194,7 +195,7 @@ def _report(summary: dict[str, Any], uri: str) -> str:
         lines.append(f"Registered **{reg['name']}** version **{reg['version']}**.")
     if "gate" in summary:
         gate = summary["gate"]
-        lines.append(f"Gate: **{'promoted' if gate['promoted'] else 'refused'}**: {gate['reason']}")
+        lines.append(f"Gate: **{verdict(gate)}**: {gate['reason']}")
     run_id = summary["mlflow_run_id"]
     if curve := summary.get("training_curve"):
         name = Path(curve).name

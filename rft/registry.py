@@ -9,13 +9,13 @@ server, a missing local store) print one line on stderr and exit with code 2, wi
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -163,7 +163,12 @@ def models_cmd(
     for row in reversed(rows):  # newest first
         table.add_row(str(row["version"]), escape(", ".join(row["aliases"])), escape(status_text(row)),
                       _cell(row["metrics"].get(metric)))
-    console.print(table)
+    with console.capture() as captured:  # a cell folded on narrow terminals pads its line with spaces
+        console.print(table)
+    for line in captured.get().splitlines():
+        text = Text.from_ansi(line)
+        text.rstrip()
+        console.print(text, soft_wrap=True)
     for row in reversed(rows):
         console.print()
         console.print(f"v{row['version']}  run {row['run_id'] or '-'}", **whole)
@@ -177,8 +182,10 @@ def models_cmd(
             rule = f" ({latest['gate.rule']})" if latest.get("gate.rule") else ""
             details.append(f"last decision{rule}: {latest.get('gate.decision', '?')}, "
                            f"{_when(latest.get('gate.time'))}: {latest.get('gate.reason', '')}")
-        for detail in details:
-            console.print(Padding(Text(detail), (0, 0, 0, 2), expand=False))
+        for detail in details:  # wrapped here: rich's Padding fills the last line with spaces
+            console.print(textwrap.fill(detail, width=max(console.width, 40), initial_indent="  ",
+                                        subsequent_indent="  ", break_long_words=False, break_on_hyphens=False),
+                          **whole)
         console.print(f"  page {version_page(uri, name, row['version'])}", **whole)
     if not is_http(uri):
         console.print()

@@ -193,9 +193,10 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
         reg = summary["registered"]
         console.print(f"Registered {reg['name']} version {reg['version']} (alias challenger)", markup=False)
     if "gate" in summary:
+        from rft_core.tracking.gate import verdict
+
         gate = summary["gate"]
-        verdict = "promoted to champion" if gate["promoted"] else "refused"
-        console.print(f"Gate: {verdict}: {gate['reason']}", markup=False)
+        console.print(f"Gate: {verdict(gate)}: {gate['reason']}", markup=False)
     console.print(f"Model directory: {summary['model_dir']}", **whole)
     if "training_curve" in summary:
         console.print(f"Training curve: {summary['training_curve']}", **whole)

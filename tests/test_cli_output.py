@@ -181,3 +181,17 @@ def test_serve_says_it_serves_prefect_deployments_not_a_model() -> None:
         text = " ".join(CliRunner(env={"COLUMNS": "100"}).invoke(app, args).output.split())
         assert "Prefect deployments" in text and "not a model" in text, text
         assert "mlflow models serve -m models:/NAME@champion" in text
+
+
+def test_a_rerun_that_registers_the_champion_again_says_unchanged_not_refused() -> None:
+    from rft_core.tracking.gate import RULE_ALREADY_CHAMPION
+
+    summary = {**SUMMARY, "gate": {"promoted": False, "reason": "version 3 is already the champion",
+                                   "rule": RULE_ALREADY_CHAMPION}}
+    out = io.StringIO()
+    print_summary(summary, summary_console(out))
+    assert "Gate: unchanged: version 3 is already the champion" in out.getvalue().splitlines()
+    promoted = {**SUMMARY, "gate": {"promoted": True, "reason": "no champion yet", "rule": "no-champion"}}
+    out = io.StringIO()
+    print_summary(promoted, summary_console(out))
+    assert "Gate: promoted to champion: no champion yet" in out.getvalue().splitlines()

@@ -855,6 +855,7 @@ def test_cli_models_fits_the_width_with_whole_words_full_run_ids_and_links(
     whole = [line for line in lines if " run " in line or "page http" in line or "MLflow UI runs" in line
              or line.startswith(f"{name}: ")]
     assert all(len(line) <= width for line in lines if line not in whole), result.output
+    assert all(line == line.rstrip() for line in lines), [line for line in lines if line != line.rstrip()]
     # Nothing folded inside a word: every status word, alias and figure is there whole.
     for word in ("champion", "challenger", "rolled", "back", "refused", "eval/accuracy",
                  "eval/accuracy=0.5", "eval/accuracy=0.7", "eval/accuracy=0.6", "(not-better)"):

@@ -79,6 +79,14 @@ class GateDecision:
         return asdict(self)
 
 
+def verdict(decision: dict[str, Any]) -> str:
+    """A decision (`GateDecision.to_dict()`) in a word or three: what the summary line says before
+    the reason. A rerun that registers the champion again changes nothing; it is not a refusal."""
+    if decision.get("promoted"):
+        return "promoted to champion"
+    return "unchanged" if decision.get("rule") == RULE_ALREADY_CHAMPION else "refused"
+
+
 def fmt(value: float | None) -> str:
     """A metric value as reasons and tags show it."""
     return "none" if value is None else f"{value:.6g}"
