@@ -36,7 +36,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from rft_core.config import RFTConfig  # noqa: E402
 
-# A target of their own (`python -m pytest -m ray`, which CI runs after the suite): real Ray clusters
+# Among the slower checks (`bash bench/slow_checks.sh`, which CI runs after the suite): real Ray clusters
 # and several training processes take minutes that would push the suite past its 20 minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(1500)]
 

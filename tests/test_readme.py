@@ -86,7 +86,6 @@ def champion_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("env_store", [None, "sqlite:///elsewhere.db"], ids=["no-env", "other-store-in-env"])
 def test_the_pyfunc_snippet_runs_as_written_against_the_store_rft_run_printed(
     champion_store: Path, env_store: str | None
