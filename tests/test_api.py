@@ -570,6 +570,41 @@ def test_the_end_of_a_job_publishes_every_step_even_when_the_tracking_store_cann
     assert "metrics_pending" not in store.get_job(job.id).data
 
 
+def test_a_job_s_rerun_renamed_at_its_end_keeps_all_its_steps_and_its_result(tmp_path):
+    """A resumed job's pipeline run reuses cached stages, and at its end MLflow's run name gets
+    ` (rerun, reused validate, ...)`: the job's runs are found by the name they started with."""
+    from mlflow import MlflowClient
+
+    from rft.api import results
+    from rft.api.settings import ServerSettings
+    from rft.api.store import Job, Store
+    from rft_core import tracking
+    from rft_core.config import RFTConfig
+
+    settings = ServerSettings(data_dir=tmp_path)
+    settings.ensure_dirs()
+    cfg = RFTConfig.from_dict({"run_name": "ftjob-2", "experiment": "rft"})
+    first = tracking.start_pipeline_run(cfg, tracking_uri=settings.tracking_uri)
+    rerun = tracking.start_pipeline_run(cfg, tracking_uri=settings.tracking_uri)
+    mlflow = MlflowClient(settings.tracking_uri)
+    experiment = mlflow.get_experiment_by_name("rft").experiment_id
+    for parent, steps in ((first, range(1, 4)), (rerun, range(3, 7))):
+        child = mlflow.create_run(experiment, run_name="rl", tags={"mlflow.parentRunId": parent})
+        for step in steps:
+            mlflow.log_metric(child.info.run_id, "rl/reward_mean", step / 10, step=step)
+        mlflow.set_terminated(child.info.run_id, "FINISHED" if parent == rerun else "KILLED")
+    name = tracking.mark_rerun(rerun, {"validate": (first, first)}, ran=["rl"], tracking_uri=settings.tracking_uri)
+    assert name == "ftjob-2 (rerun, reused validate)"
+
+    store = Store(settings.db_path)
+    job = Job("ftjob-2", 0, "running", {"experiment": "rft", "method_type": "reinforcement", "total_steps": 6})
+    store.add_job(job)
+    results.settle_metric_events(settings, store, job)
+    assert store.event_keys(job.id, "metrics:") == {f"metrics:{s}" for s in range(1, 7)}
+    client = MlflowClient(settings.tracking_uri)
+    assert [run.info.run_id for run in results.job_pipeline_runs(client, experiment, job.id)] == [rerun, first]
+
+
 def test_checkpoints_and_results_file(client, supervised, server):
     _, job = supervised
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data

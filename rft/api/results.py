@@ -66,6 +66,19 @@ def _client(settings: ServerSettings):
     return mlflow_client(settings.tracking_uri)  # through configure: the store's schema made once
 
 
+def job_pipeline_runs(client: Any, experiment_id: str, job_id: str) -> list[Any]:
+    """The pipeline (parent) runs of a job, newest first: those started under its name (tag
+    `rft.run_name`: a rerun's name gets a suffix at its end, ` (rerun, reused validate, ...)`), and
+    those of stores written before that tag that still carry the name itself."""
+    from rft_core.tracking.tags import TAG_STARTED_AS
+
+    found: dict[str, Any] = {}
+    for query in (f"tags.`{TAG_STARTED_AS}` = '{job_id}'", f"tags.`mlflow.runName` = '{job_id}'"):
+        for run in client.search_runs([experiment_id], query, max_results=1000):
+            found.setdefault(run.info.run_id, run)
+    return sorted(found.values(), key=lambda run: run.info.start_time or 0, reverse=True)
+
+
 def training_runs(settings: ServerSettings, job: Job) -> list[Any]:
     """The job's training-stage child runs, oldest first (one per run of the job that reached it)."""
     experiment = job.data.get("experiment")
@@ -76,7 +89,7 @@ def training_runs(settings: ServerSettings, job: Job) -> list[Any]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    parents = client.search_runs([found.experiment_id], f"tags.`mlflow.runName` = '{job.id}'")
+    parents = job_pipeline_runs(client, found.experiment_id, job.id)
     runs = []
     for parent in parents:
         runs += client.search_runs(

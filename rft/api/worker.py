@@ -78,18 +78,17 @@ def finish(settings: ServerSettings, store: Store, job: Job, cfg: Any, summary: 
 
 def finish_from_tracking(settings: ServerSettings, store: Store, job: Job) -> None:
     """Record a job whose pipeline ran elsewhere (a run of the Prefect deployment): its summary read
-    back from the MLflow parent run named after the job and from the job's stage directories."""
+    back from the MLflow parent run started under the job's name and from the job's stage directories."""
     from rft_core.tracking import tags
     from rft_core.tracking.uri import mlflow_client
 
     cfg = read_config(settings, job.id)
     client = mlflow_client(settings.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
-    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.runName` = '{job.id}'",
-                              order_by=["attributes.start_time DESC"]) if experiment else []
+    runs = results.job_pipeline_runs(client, experiment.experiment_id, job.id) if experiment else []
     parent = next((run for run in runs if run.info.status == "FINISHED"), None)
     if parent is None:
-        raise RuntimeError(f"no finished MLflow run named {job.id} in experiment {cfg.experiment}")
+        raise RuntimeError(f"no finished MLflow run of {job.id} in experiment {cfg.experiment}")
     stage = "sft" if job.data.get("method_type") == "supervised" else "rl"
     models = sorted(Path(cfg.output_dir, "stages").glob(f"{stage}-*/model"), key=lambda p: p.stat().st_mtime)
     if not models:

@@ -49,6 +49,7 @@ from rft_core.tracking.tags import (
     TAG_RERUN_OF,
     TAG_RUN_NAME,
     TAG_STAGE,
+    TAG_STARTED_AS,
 )
 from rft_core.tracking.uri import (
     check_tracking_available,
@@ -250,7 +251,8 @@ def start_pipeline_run(
     """Create the parent run of a pipeline run and return its id (`pipeline_run` also ends it).
 
     Experiment `cfg.experiment` (created if missing); name `run_name`, else `cfg.run_name`, else
-    `rft-<config digest>`; tags: `config_tags(cfg)`, the git commit when there is one, then `tags`;
+    `rft-<config digest>`, also kept as tag `rft.run_name` (a rerun's name gets a suffix at its end:
+    look runs up by the tag); tags: `config_tags(cfg)`, the git commit when there is one, then `tags`;
     the resolved config as the artifact `config.yaml`; every field as a param `section.key`.
     """
     uri = tracking_uri or resolve_tracking_uri(cfg)
@@ -261,9 +263,9 @@ def start_pipeline_run(
     if commit:
         run_tags[TAG_GIT_COMMIT_RUN] = commit
     run_tags.update(tags or {})
-    run = client.create_run(
-        experiment_id, run_name=run_name or cfg.run_name or f"rft-{cfg.digest()[:8]}", tags=run_tags
-    )
+    name = run_name or cfg.run_name or f"rft-{cfg.digest()[:8]}"
+    # The name as started stays a tag: `mark_rerun` adds a suffix to the name itself at the end.
+    run = client.create_run(experiment_id, run_name=name, tags={**run_tags, TAG_STARTED_AS: name})
     run_id = run.info.run_id
     try:
         client.log_text(run_id, cfg.to_yaml(), "config.yaml")

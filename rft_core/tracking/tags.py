@@ -16,6 +16,7 @@ TAG_REUSED_PREFIX = "rft.reused."  # + stage: on a pipeline run, the cached stag
 TAG_RERUN_OF = "rft.rerun_of"  # on a pipeline run: the pipeline runs whose stages it reused (comma-separated)
 TAG_NOTE = "mlflow.note.content"  # MLflow's own: the run's description, shown on its page
 TAG_RUN_NAME = "mlflow.runName"  # MLflow's own: the run's name
+TAG_STARTED_AS = "rft.run_name"  # on a pipeline run: the name it started with (a rerun's name gets a suffix)
 TAG_FLOW_RUN = "prefect.flow_run_id"  # the orchestrator's flow run a pipeline run belongs to
 TAG_MODEL_URI = "rft.model_uri"  # the model a regression evaluation scored
 TAG_REGISTERED_VERSION = "registry.version"  # on a pipeline run: the version it registered
