@@ -272,13 +272,11 @@ def _train_here(stage: str, cfg: RFTConfig, init_model: str | None, out: Path | 
         data = stages.validate_stage(cfg)
         split = stages.split_stage(cfg, data)
         # The sft stage starts from the base model; RL from the sft result, checked before anything is built.
-        base = stages.base_model_path(cfg, split) if stage == "sft" else None
-        start = rl_start(cfg, split, init_model) if stage != "sft" else None
+        start = stages.base_model_path(cfg, split) if stage == "sft" else rl_start(cfg, split, init_model)
     train, val = read_items(split.train_items), read_items(split.val_items)
-    if base is not None:
+    if stage == "sft":
         work = out or stages.stage_dir(cfg, "sft", stages.sft_key(cfg, split))
-        return run_sft(cfg, train, val, base, work, accelerator=accelerator), accelerator.is_main_process
-    assert start is not None
+        return run_sft(cfg, train, val, start, work, accelerator=accelerator), accelerator.is_main_process
     work = out or stages.stage_dir(cfg, "rl", stages.rl_key(cfg, start))
     return run_rl(cfg, train, val, start.model_dir, work, accelerator=accelerator), accelerator.is_main_process
 
