@@ -226,3 +226,28 @@ def test_the_tiny_model_of_the_rank_task_is_built_apart_from_the_arithmetic_one(
     arithmetic = rank.model_copy(update={"data": rank.data.model_copy(update={"synthetic": SyntheticConfig()})})
     assert tiny_digest(rank, ["x"]) != tiny_digest(arithmetic, ["x"])  # never reuses the other family's cache
 
+
+
+def test_the_tally_checker_of_bench_rank_errors_counts_each_kind_of_slip():
+    """bench/rank_errors.py's figures (what RL changed in the tallies) rest on this check."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rank_errors", ROOT / "bench" / "rank_errors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    case = Case(34, "Woman", ("fever", "cough", "body aches"), ("loss of smell",), "flu")
+    assert case.first_alone()
+    right = module.check(case.solution() + "\n#### flu", case.prompt(), "flu")
+    assert right["right_first"] == right["all_lines_right"] == right["right_three"] == 1
+    assert right["ranking_follows_tallies"] == 1 and right["lines"] == 3 and right["lines_wrong"] == 0
+    # covid's line: loss of smell (absent) written as present, headache made up, body aches is not covid's;
+    # flu's line misses body aches and its sum is off; the ranking does not follow the tallies.
+    slips = (
+        "flu: fever, cough = 3\n"
+        "covid: fever, cough, headache, loss of smell, body aches = 5\n"
+        "Ranking: flu, covid"
+    )
+    got = module.check(slips, case.prompt(), "flu")
+    assert (got["right_first"], got["lines"], got["lines_wrong"], got["all_lines_right"]) == (1, 2, 2, 0)
+    assert (got["made_up"], got["sign_flipped"], got["not_in_profile"], got["missed"]) == (1, 1, 1, 1)
+    assert (got["arithmetic"], got["right_three"], got["ranking_follows_tallies"]) == (1, 0, 0)
