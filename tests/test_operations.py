@@ -595,8 +595,14 @@ def test_retry_of_failed_run_reruns_only_the_failed_stage_and_after(
 
 def test_overlapping_runs_of_the_pipeline_wait_for_each_other(ops: Ops, first_pipeline: uuid.UUID) -> None:
     """Two runs of one config write the same stage directories: the deployment's concurrency limit
-    (1, ENQUEUE) makes the second wait for the first."""
+    (1, ENQUEUE) makes the second wait for the first.
+
+    Both runs are queued before a worker can pick either up (as when a schedule fires while a manual
+    run is queued): created one after the other with a worker polling, the second could arrive after
+    the first (all its stages cached) had already ended on a loaded machine, and never need to wait."""
+    ops.stop("worker")
     first, second = ops.run_pipeline(), ops.run_pipeline()
+    ops.start_worker()
     runs = [ops.wait_completed(first), ops.wait_completed(second)]
     waited = [r for r in runs if any(s.name == "AwaitingConcurrencySlot" for s in ops.states(r.id))]
     assert waited, "neither run waited for a concurrency slot"
