@@ -32,12 +32,12 @@ _TALLY = re.compile(r"^(.+?): (.*) = (-?\d+)$")
 def check(text: str, prompt: str, reference: str) -> dict[str, int]:
     """Counts of one greedy answer's faults (see the module docstring)."""
     from rft_core.data.cases import CATALOGUE, CAUSES, Case, findings_of
+    from rft_core.graders.rank import ranked_list
 
     present, absent = findings_of(prompt) or ((), ())
     case = Case(0, "Man", present, absent, reference)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip() and not line.startswith("####")]
-    ranking_line = next((line for line in lines if line.startswith("Ranking:")), "")
-    ranking = [c.strip() for c in ranking_line.removeprefix("Ranking:").split(",") if c.strip()]
+    ranking = ranked_list(text)  # what the rank grader reads
     out = {"right_first": int(ranking[:1] == [reference]), "lines": 0, "lines_wrong": 0, "made_up": 0,
            "sign_flipped": 0, "missed": 0, "not_in_profile": 0, "arithmetic": 0, "unreadable": 0}
     tallies: dict[str, int] = {}
